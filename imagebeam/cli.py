@@ -1,0 +1,43 @@
+"""The `imagebeam` command: one sub-command per job, each a `run(argv)` in imagebeam.pipelines."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import List, Optional
+
+JOBS = {
+    "downsample": ("imagebeam.pipelines.downsample", "ImageNet tars/folders -> Imagenet8/16/32/64 batches"),
+    "demo": ("imagebeam.pipelines.demo", "build the bundled sample from real photos and run the jobs on it"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: imagebeam <job> [options] [beam pipeline options]", "", "jobs:"]
+    lines += [f"  {name:<12} {about}" for name, (_, about) in JOBS.items()]
+    lines += ["", "`imagebeam <job> --help` lists a job's options; other --flags go to Beam (e.g. --runner)."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        print(f"imagebeam: unknown job {job!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    # TensorFlow's C++ INFO/WARNING lines drown the job's own output; inherited by the SDK workers.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    module = importlib.import_module(JOBS[job][0])
+    result = module.main(rest) if hasattr(module, "main") else module.run(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""End-to-end jobs, one module each; every module has `run(argv)`."""

@@ -1,0 +1,1 @@
+"""Reusable Beam pieces: sources, decode, resize, labels, shuffle, sinks."""

@@ -1,0 +1,173 @@
+"""Imagenet32/64 batch files (SPEC §2): seeded global shuffle, exact batch sizes, pickle and npz sinks.
+
+Determinism: the shuffle is the order of a keyed hash of (seed, image name), so it depends only on the
+set of images and the seed, never on bundle boundaries, worker count or runner. Batch k holds the rows
+of ranks [k*q, (k+1)*q) with q = N // batches, the last batch the remainder, found from the B-1
+boundary keys of the sorted key list (one small global combine). Inside a file rows are sorted by key.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import pickle
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+
+from imagebeam.transforms.fileutil import join, write_with
+from imagebeam.transforms.labels import val_sort_key
+from imagebeam.transforms.rows import Row
+
+PICKLE_PROTOCOL = 4  # Python 3 readers, objects over 4 GB allowed; the seed's loader is plain pickle.load
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed npz member timestamps: same rows => same bytes
+
+ShuffleKey = Tuple[bytes, str, str]
+
+
+def shuffle_key(seed: int, name: str, source: str) -> ShuffleKey:
+    """The row's place in the seeded permutation: a 128-bit keyed hash, ties broken by name and source."""
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=16, key=str(int(seed)).encode()).digest()
+    return (digest, name, source)
+
+
+def batch_sizes(n: int, batches: int) -> List[int]:
+    """Batches 1..B-1 get N // B rows, batch B the remainder (128,116 x 9 + 128,123 for ImageNet)."""
+    q = n // batches
+    return [q] * (batches - 1) + [n - q * (batches - 1)]
+
+
+def boundaries(sorted_keys: Sequence[ShuffleKey], batches: int) -> List[ShuffleKey]:
+    """The keys at ranks q, 2q, ..., (B-1)q; a key's batch is bisect_right(boundaries, key)."""
+    q = len(sorted_keys) // batches
+    if q == 0:
+        # Fewer rows than batches: all rows go to the last batch, the others are empty.
+        return [(b"", "", "")] * (batches - 1) if not sorted_keys else [sorted_keys[0]] * (batches - 1)
+    return [sorted_keys[q * k] for k in range(1, batches)]
+
+
+class _BoundariesFn(beam.CombineFn):
+    """All shuffle keys (about 60 bytes each) -> the B-1 batch boundaries."""
+
+    def __init__(self, batches: int):
+        self._batches = batches
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, key):
+        acc.append(key)
+        return acc
+
+    def merge_accumulators(self, accs):
+        merged = []
+        for acc in accs:
+            merged.extend(acc)
+        return merged
+
+    def extract_output(self, acc):
+        acc.sort()
+        return boundaries(acc, self._batches)
+
+
+def _assign(keyed: Tuple[ShuffleKey, Row], bounds: List[ShuffleKey]):
+    key, row = keyed
+    index = bisect.bisect_right(bounds, key)
+    # A row whose key equals the (B-1)q-th key must land in the last batch, not beyond it.
+    return min(index, len(bounds)), (key, row)
+
+
+class GroupIntoBatches(beam.PTransform):
+    """rows -> (batch index, rows in file order); every index 0..B-1 appears, empty batches too.
+
+    Train (`seed` given): seeded global shuffle into `batches` files. Val (`seed` None): one batch in
+    stable file-name order.
+    """
+
+    def __init__(self, batches: int, seed: Optional[int]):
+        super().__init__()
+        self._batches = batches if seed is not None else 1
+        self._seed = seed
+
+    def expand(self, rows):
+        if self._seed is None:
+            assigned = rows | "ValOrder" >> beam.Map(lambda r: (0, (val_sort_key(r.name) + (r.source,), r)))
+        else:
+            seed = self._seed
+            keyed = rows | "ShuffleKey" >> beam.Map(lambda r: (shuffle_key(seed, r.name, r.source), r))
+            bounds = (keyed | "Keys" >> beam.Keys()
+                      | "Boundaries" >> beam.CombineGlobally(_BoundariesFn(self._batches)))
+            assigned = keyed | "AssignBatch" >> beam.Map(_assign, beam.pvalue.AsSingleton(bounds))
+        empties = (rows.pipeline | "AllBatches" >> beam.Create([(b, None) for b in range(self._batches)]))
+        return (
+            (assigned, empties)
+            | "WithEmpties" >> beam.Flatten()
+            | "GroupBatch" >> beam.GroupByKey()
+            | "FileOrder" >> beam.MapTuple(
+                lambda index, items: (index, [row for _, row in sorted(i for i in items if i is not None)]))
+        )
+
+
+def batch_dict(rows: List[Row], row_size: int, mean: Optional[np.ndarray]) -> Dict[str, object]:
+    """The dict of SPEC §2: data uint8 (n, 3*S*S), labels list of int, mean float64 (train only)."""
+    data = np.frombuffer(b"".join(r.pixels for r in rows), dtype=np.uint8).reshape(len(rows), row_size)
+    out: Dict[str, object] = {"data": data, "labels": [int(r.label) for r in rows]}
+    if mean is not None:
+        out["mean"] = np.asarray(mean, dtype=np.float64)
+    return out
+
+
+def write_pickle(f, batch: Dict[str, object]) -> None:
+    pickle.dump(batch, f, protocol=PICKLE_PROTOCOL)
+
+
+def write_npz(f, batch: Dict[str, object]) -> None:
+    """An .npz readable with np.load(allow_pickle=False): plain arrays, fixed timestamps, stored."""
+    # zipfile copes with unseekable writers (gs://) by writing data descriptors; local files seek.
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key in ("data", "labels", "mean"):
+            if key not in batch:
+                continue
+            value = batch[key]
+            array = np.asarray(value, dtype=np.int64) if key == "labels" else np.asarray(value)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+WRITERS = {"pickle": (write_pickle, ""), "npz": (write_npz, ".npz")}
+
+
+def batch_file_name(index: int, train: bool, fmt: str) -> str:
+    base = f"train_data_batch_{index + 1}" if train else "val_data"
+    return base + WRITERS[fmt][1]
+
+
+class _WriteBatchFn(beam.DoFn):
+    def __init__(self, output: str, fmt: str, row_size: int, train: bool):
+        self._output, self._fmt, self._row_size, self._train = output, fmt, row_size, train
+
+    def process(self, element, mean=None):
+        index, rows = element
+        path = join(self._output, batch_file_name(index, self._train, self._fmt))
+        batch = batch_dict(rows, self._row_size, mean if self._train else None)
+        write_with(path, lambda f: WRITERS[self._fmt][0](f, batch))
+        yield {"file": path.rsplit("/", 1)[-1], "rows": len(rows)}
+
+
+class WriteBatches(beam.PTransform):
+    """(index, rows) -> files in `output`; emits {"file", "rows"} per file written."""
+
+    def __init__(self, output: str, fmt: str, size: int, train: bool, mean=None):
+        super().__init__()
+        if fmt not in WRITERS:
+            raise ValueError(f"unknown format {fmt!r}; choose from {sorted(WRITERS)}")
+        self._fn = _WriteBatchFn(output, fmt, 3 * size * size, train)
+        self._mean = mean
+
+    def expand(self, batches):
+        side = [beam.pvalue.AsSingleton(self._mean)] if self._mean is not None else []
+        return batches | "WriteFile" >> beam.ParDo(self._fn, *side)

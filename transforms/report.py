@@ -1,0 +1,118 @@
+"""failures.jsonl and metadata.json: every input is accounted for, and the counts must add up.
+
+`read` counts what the sources produced (images and unreadable pieces), `written` the rows in the
+output files, `failed` the lines of failures.jsonl. metadata.json is written last, after every other
+file, so its presence marks a finished job.
+"""
+from __future__ import annotations
+
+import json
+import re
+import platform
+from typing import Callable, Dict, List
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from imagebeam.transforms.fileutil import join, write_atomically
+from imagebeam.transforms.sources import Failure
+
+
+def failure_lines(failures: List[Failure]) -> bytes:
+    """One JSON object per line, in a stable order (source, member, reason)."""
+    ordered = sorted(failures, key=lambda f: (f.source, f.member or "", f.reason))
+    return "".join(json.dumps(f.to_json(), sort_keys=True) + "\n" for f in ordered).encode("utf-8")
+
+
+class WriteFailures(beam.PTransform):
+    """Failures -> DIR/failures.jsonl (written even when empty); emits the number of failures."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self._path = join(output, "failures.jsonl")
+
+    def expand(self, failures):
+        path = self._path
+
+        def write(items: List[Failure]) -> int:
+            write_atomically(path, failure_lines(items))
+            return len(items)
+
+        return failures | "AllFailures" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
+
+
+def versions() -> Dict[str, str]:
+    import numpy
+    import PIL
+
+    import imagebeam
+
+    out = {"imagebeam": imagebeam.__version__, "apache_beam": beam.__version__, "numpy": numpy.__version__,
+           "pillow": PIL.__version__, "python": platform.python_version()}
+    try:
+        import tensorflow_transform
+        out["tensorflow_transform"] = tensorflow_transform.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+class CountsDontAddUp(RuntimeError):
+    pass
+
+
+class WriteMetadata(beam.PTransform):
+    """Writes DIR/metadata.json once every file is written, then removes the temporary folders in `cleanup_paths`.
+
+    `counts`: name -> singleton PCollection of an int. `files`: PCollection of {"file", "rows"} dicts.
+    `extra`: static facts (size, algorithm, seed, label order, ...). `extra_side`: name -> singleton
+    PCollection of a JSON-able value computed in the pipeline.
+    """
+
+    def __init__(self, output: str, counts: Dict[str, beam.PCollection], files: beam.PCollection,
+                 extra: dict, extra_side: Dict[str, beam.PCollection] | None = None,
+                 cleanup_paths: tuple = ()):
+        super().__init__()
+        self._output, self._counts, self._files = output, counts, files
+        self._extra, self._extra_side = extra, dict(extra_side or {})
+        self._cleanup = tuple(cleanup_paths)
+
+    def expand(self, pbegin):
+        count_names = sorted(self._counts)
+        side_names = sorted(self._extra_side)
+        sides = {f"count_{k}": beam.pvalue.AsSingleton(self._counts[k]) for k in count_names}
+        sides.update({f"side_{k}": beam.pvalue.AsSingleton(self._extra_side[k]) for k in side_names})
+        sides["files"] = beam.pvalue.AsList(self._files)
+        return (pbegin
+                | "Once" >> beam.Create([None])
+                | "WriteMetadataJson" >> beam.Map(_metadata_writer(self._output, self._extra, self._cleanup),
+                                                  **sides))
+
+
+def _metadata_writer(output: str, extra: dict, cleanup: tuple) -> Callable:
+    def write(_, files, **sides) -> dict:
+        counts = {k[len("count_"):]: int(v) for k, v in sides.items() if k.startswith("count_")}
+        files = sorted(files, key=lambda f: _natural_key(f["file"]))
+        counts["written"] = sum(f["rows"] for f in files)
+        meta = dict(extra)
+        meta.update({k[len("side_"):]: v for k, v in sides.items() if k.startswith("side_")})
+        meta["counts"] = counts
+        meta["files"] = files
+        meta["versions"] = versions()
+        if counts.get("read") != counts["written"] + counts.get("failed", 0):
+            raise CountsDontAddUp(f"counts do not add up: {counts}")
+        _remove_temporaries(cleanup)
+        write_atomically(join(output, "metadata.json"),
+                         (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        return meta
+    return write
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _remove_temporaries(paths: tuple) -> None:
+    existing = [p for p in paths if FileSystems.exists(p)]
+    if existing:
+        FileSystems.delete(existing)

@@ -1,0 +1,84 @@
+"""ImageBlob -> labelled Imagenet32-style rows, failures as a tagged output.
+
+Labelling runs before decoding so an unknown class costs no decode. With no label map given, labels are
+1 + the index of the sorted class keys of everything read (failed images included, so a bad file never
+renumbers the classes).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from imagebeam.transforms.labels import LabelError, LabelMap, sorted_class_map
+from imagebeam.transforms.resize import fast_draft_size, planar_row, squash
+from imagebeam.transforms.sources import Failure, ImageBlob
+
+FAILURES = "failures"
+
+
+class Row(NamedTuple):
+    """One output row: the image's stable name, its label and 3*S*S channel-planar uint8 pixels."""
+    name: str
+    source: str
+    label: int
+    pixels: bytes
+
+
+class _DecodeResizeFn(beam.DoFn):
+    """Label, decode by content, convert to RGB, squash to S x S; anything wrong becomes a Failure."""
+
+    def __init__(self, size: int, algorithm: str, fast_decode: bool, max_pixels: int, exif_transpose: bool):
+        self._size = size
+        self._algorithm = algorithm
+        self._draft = fast_draft_size(size) if fast_decode else None
+        self._max_pixels = max_pixels
+        self._exif_transpose = exif_transpose
+        self._decoded = beam.metrics.Metrics.counter("imagebeam", "decoded")
+        self._failed = beam.metrics.Metrics.counter("imagebeam", "decode_failed")
+
+    def process(self, blob: ImageBlob, label_map: LabelMap):
+        try:
+            label = label_map.label_for(blob.name, blob.class_key)
+            img = decode_rgb(blob.data, max_pixels=self._max_pixels, draft_size=self._draft,
+                             exif_transpose=self._exif_transpose)
+            pixels = planar_row(squash(img, self._size, self._algorithm)).tobytes()
+        except (DecodeError, LabelError) as exc:
+            self._failed.inc()
+            yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
+            return
+        self._decoded.inc()
+        yield Row(blob.name, blob.source, label, pixels)
+
+
+class LabelMapFromClasses(beam.PTransform):
+    """The sorted-class label map computed from the blobs themselves (no devkit, no class map)."""
+
+    def expand(self, blobs):
+        return (
+            blobs
+            | "ClassKeys" >> beam.Map(lambda b: b.class_key).with_output_types(Optional[str])
+            | "KnownClasses" >> beam.Filter(lambda k: k is not None)
+            | "DistinctClasses" >> beam.Distinct()
+            | "SortedMap" >> beam.combiners.ToList()
+            | "BuildMap" >> beam.Map(sorted_class_map)
+        )
+
+
+class DecodeToRows(beam.PTransform):
+    """blobs -> (rows, failures), given a LabelMap or a singleton PCollection holding one."""
+
+    def __init__(self, label_map, size: int, algorithm: str = "box", fast_decode: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False):
+        super().__init__()
+        self._label_map = label_map
+        self._fn = _DecodeResizeFn(size, algorithm, fast_decode, max_pixels, exif_transpose)
+
+    def expand(self, blobs):
+        label_map = self._label_map
+        if isinstance(label_map, pvalue.PCollection):
+            label_map = pvalue.AsSingleton(label_map)
+        out = blobs | "DecodeResize" >> beam.ParDo(self._fn, label_map).with_outputs(FAILURES, main="rows")
+        return out.rows, out[FAILURES]

@@ -1,0 +1,291 @@
+"""Image sources: ILSVRC nested train tars, flat tar shards and image folders, local or on any Beam filesystem.
+
+A source is read in two steps so that no big file is read by a single worker:
+1. `index_input` (cheap, headers only) turns an input path or glob into work units: one per member tar of
+   a nested tar (ILSVRC2012_img_train.tar holds 1000 `n########.tar`), contiguous runs of members of a
+   flat tar, or single files of a folder;
+2. after a Reshuffle spreads the units over workers, `read_unit` seeks to each unit's bytes.
+Every regular file found is an input: it ends up as an `ImageBlob` or as a `Failure` with its reason.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from imagebeam.transforms.labels import class_of
+
+# A flat tar is cut into units of at most this many members or bytes (one seek, then sequential reads).
+UNIT_MAX_MEMBERS = 256
+UNIT_MAX_BYTES = 64 << 20
+
+_TAR_SUFFIXES = (".tar",)
+_STREAM_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+_GLOB_CHARS = set("*?[")
+
+
+class ImageBlob(NamedTuple):
+    """Encoded bytes of one input image and where they came from."""
+    source: str               # the file read (tar or image file)
+    member: Optional[str]     # the member path inside the tar(s), None for a plain file
+    name: str                 # stable relative name: the shuffle key and the val sort key
+    class_key: Optional[str]  # WNID / class folder, None when the path has no class
+    data: bytes
+
+
+class Failure(NamedTuple):
+    """An input that is not in the output, and why."""
+    source: str
+    member: Optional[str]
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "member": self.member, "reason": self.reason}
+
+
+class WorkUnit(NamedTuple):
+    """A piece of one input file that one worker reads."""
+    kind: str                 # "file" | "members" | "member_tar" | "stream_tar"
+    source: str
+    name: str = ""            # file: relative name; member_tar: the member tar's path in the outer tar
+    members: Tuple[Tuple[str, int, int], ...] = ()  # members: (name, data offset, size)
+    offset: int = 0           # member_tar: data offset of the member tar in the outer tar
+    size: int = 0
+
+
+Indexed = Union[WorkUnit, Failure]
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in _GLOB_CHARS for c in path)
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(_TAR_SUFFIXES + _STREAM_TAR_SUFFIXES)
+
+
+def normalise_member(name: str) -> str:
+    """Tar member names as stable relative paths ('./a/b.JPEG' -> 'a/b.JPEG')."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def index_input(spec: str) -> Iterator[Indexed]:
+    """Expand one `--input` (tar, glob of tars or files, or folder) into work units and failures."""
+    if _is_glob(spec):
+        matched = sorted(m.path for r in FileSystems.match([spec]) for m in r.metadata_list)
+        if not matched:
+            raise ValueError(f"--input {spec!r} matches no file")
+        for path in matched:
+            if _is_tar(path):
+                yield from index_tar(path)
+            else:
+                yield WorkUnit("file", path, name=posixpath.basename(path))
+        return
+    if _is_tar(spec):
+        if not FileSystems.exists(spec):
+            raise ValueError(f"--input {spec!r} does not exist")
+        yield from index_tar(spec)
+        return
+    yield from index_folder(spec)
+
+
+def index_folder(root: str) -> Iterator[Indexed]:
+    """Every file below `root`; class = first folder below the root (`root/<class>/...`)."""
+    root = root.rstrip("/")
+    result = FileSystems.match([FileSystems.join(root, "**")])[0]
+    paths = sorted(m.path for m in result.metadata_list)
+    if not paths:
+        raise ValueError(f"--input {root!r} is neither a tar nor a folder with files")
+    prefix = root + "/"
+    for path in paths:
+        rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+        yield WorkUnit("file", path, name=rel)
+
+
+def index_tar(path: str) -> Iterator[Indexed]:
+    """Read only the headers of a tar: member tars become one unit each, other members are grouped."""
+    if path.lower().endswith(_STREAM_TAR_SUFFIXES):
+        # Compressed tars cannot be entered at an offset: one worker streams the whole shard.
+        yield WorkUnit("stream_tar", path)
+        return
+    group: List[Tuple[str, int, int]] = []
+    group_bytes = 0
+    try:
+        with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for info in _iter_members(tar):
+                name = normalise_member(info.name)
+                if info.isdir():
+                    continue
+                if not info.isfile():
+                    yield Failure(path, info.name, f"tar member is {_kind(info)}, not a regular file")
+                    continue
+                if name.lower().endswith(".tar"):
+                    yield WorkUnit("member_tar", path, name=name, offset=info.offset_data, size=info.size)
+                    continue
+                group.append((name, info.offset_data, info.size))
+                group_bytes += info.size
+                if len(group) >= UNIT_MAX_MEMBERS or group_bytes >= UNIT_MAX_BYTES:
+                    yield WorkUnit("members", path, members=tuple(group))
+                    group, group_bytes = [], 0
+    except _TarIndexError as exc:
+        yield Failure(path, exc.member, f"unreadable tar after {exc.count} members: {exc.cause}")
+    except (tarfile.TarError, OSError) as exc:
+        yield Failure(path, None, f"unreadable tar: {exc}")
+    if group:
+        yield WorkUnit("members", path, members=tuple(group))
+
+
+class _TarIndexError(Exception):
+    def __init__(self, member: Optional[str], count: int, cause: Exception):
+        super().__init__(str(cause))
+        self.member, self.count, self.cause = member, count, cause
+
+
+def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Members one by one, turning a broken header mid-way into one error that says where."""
+    count, last = 0, None
+    while True:
+        try:
+            info = tar.next()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise _TarIndexError(last, count, exc) from None
+        if info is None:
+            return
+        count, last = count + 1, info.name
+        yield info
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"a symbolic link (-> {info.linkname})"
+    if info.islnk():
+        return f"a hard link (-> {info.linkname})"
+    if info.ischr() or info.isblk():
+        return "a device"
+    if info.isfifo():
+        return "a FIFO"
+    return f"of type {info.type!r}"
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of `size` bytes of `raw` starting at `offset` (a member tar inside a tar)."""
+
+    def __init__(self, raw, offset: int, size: int):
+        self._raw, self._start, self._size, self._pos = raw, offset, size, 0
+        raw.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = self._raw.read(n)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def read_unit(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
+    """The images of one work unit; broken pieces become failures, the rest is still read."""
+    if unit.kind == "file":
+        try:
+            with FileSystems.open(unit.source) as f:
+                data = f.read()
+        except OSError as exc:
+            yield Failure(unit.source, None, f"cannot read file: {exc}")
+            return
+        yield ImageBlob(unit.source, None, unit.name, class_of(unit.name), data)
+    elif unit.kind == "members":
+        yield from _read_members(unit)
+    elif unit.kind == "member_tar":
+        yield from _read_tar_stream(unit, prefix=unit.name[: -len(".tar")], class_key=_stem(unit.name))
+    elif unit.kind == "stream_tar":
+        yield from _read_tar_stream(unit, prefix="", class_key=None)
+    else:
+        raise ValueError(f"unknown work unit kind {unit.kind!r}")
+
+
+def _stem(name: str) -> str:
+    return posixpath.basename(name)[: -len(".tar")]
+
+
+def _read_members(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
+    with FileSystems.open(unit.source) as f:
+        for name, offset, size in unit.members:
+            try:
+                f.seek(offset)
+                data = f.read(size)
+            except OSError as exc:
+                yield Failure(unit.source, name, f"cannot read tar member: {exc}")
+                continue
+            if len(data) != size:
+                yield Failure(unit.source, name, f"truncated tar: member has {len(data)} of its {size} bytes")
+                continue
+            yield ImageBlob(unit.source, name, name, class_of(name), data)
+
+
+def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> Iterator[Union[ImageBlob, Failure]]:
+    """Stream a tar (a member tar by offset, or a compressed shard) member by member."""
+    where = unit.name or None
+    count = 0
+    try:
+        with FileSystems.open(unit.source) as raw:
+            stream = _Window(raw, unit.offset, unit.size) if unit.kind == "member_tar" else raw
+            with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|*") as tar:
+                for info in tar:
+                    name = normalise_member(info.name)
+                    member = f"{where}/{name}" if where else name
+                    if info.isdir():
+                        continue
+                    if not info.isfile():
+                        yield Failure(unit.source, member, f"tar member is {_kind(info)}, not a regular file")
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        yield Failure(unit.source, member,
+                                      f"truncated tar: member has {len(data)} of its {info.size} bytes")
+                        continue
+                    count += 1
+                    rel = f"{prefix}/{posixpath.basename(name)}" if prefix else name
+                    yield ImageBlob(unit.source, member, rel, class_key or class_of(rel), data)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        yield Failure(unit.source, where, f"unreadable tar after {count} members: {exc}")
+
+
+class ReadImages(beam.PTransform):
+    """Input paths -> (ImageBlob, Failure) PCollections, with the reading spread over workers."""
+
+    FAILURES = "failures"
+
+    def __init__(self, inputs: List[str]):
+        super().__init__()
+        self._inputs = list(inputs)
+
+    def expand(self, pbegin):
+        indexed = (
+            pbegin
+            | "Inputs" >> beam.Create(self._inputs)
+            | "Index" >> beam.FlatMap(index_input)
+            | "SpreadUnits" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadUnitFn()).with_outputs(self.FAILURES, main="blobs")
+        )
+        return indexed.blobs, indexed[self.FAILURES]
+
+
+class _ReadUnitFn(beam.DoFn):
+    def process(self, item: Indexed):
+        if isinstance(item, Failure):
+            yield beam.pvalue.TaggedOutput(ReadImages.FAILURES, item)
+            return
+        for out in read_unit(item):
+            if isinstance(out, Failure):
+                yield beam.pvalue.TaggedOutput(ReadImages.FAILURES, out)
+            else:
+                yield out
