@@ -34,6 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The local job service relays every SDK worker's start-up warnings; keep its errors only.
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     module = importlib.import_module(JOBS[job][0])
     result = module.main(rest) if hasattr(module, "main") else module.run(rest)
     return result if isinstance(result, int) else 0

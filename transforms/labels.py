@@ -152,7 +152,7 @@ def load_label_map(devkit: Optional[str] = None, class_map: Optional[str] = None
 
 def class_of(relative_name: str) -> Optional[str]:
     """The class of an image by its path inside a source: the first folder (ImageFolder convention)."""
-    parts = [p for p in relative_name.split("/") if p not in ("", ".")]
+    parts = [p for p in relative_name.split("/") if p not in ("", ".", "..")]
     return parts[0] if len(parts) >= 2 else None
 
 

@@ -132,8 +132,13 @@ def index_tar(path: str) -> Iterator[Indexed]:
                 if len(group) >= UNIT_MAX_MEMBERS or group_bytes >= UNIT_MAX_BYTES:
                     yield WorkUnit("members", path, members=tuple(group))
                     group, group_bytes = [], 0
+            raw.seek(tar.offset)
+            if not _is_end_marker(raw):
+                yield Failure(path, None, f"unreadable tar after {len(tar.members)} members: what follows the "
+                                          "last member is neither a member nor the end of the archive")
     except _TarIndexError as exc:
-        yield Failure(path, exc.member, f"unreadable tar after {exc.count} members: {exc.cause}")
+        # The rest of the tar is lost: one failure for it (the members indexed so far are still read).
+        yield Failure(path, None, f"unreadable tar after {exc.count} members (last {exc.member!r}): {exc.cause}")
     except (tarfile.TarError, OSError) as exc:
         yield Failure(path, None, f"unreadable tar: {exc}")
     if group:
@@ -160,6 +165,12 @@ def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield info
 
 
+def _is_end_marker(f, limit: int = 1 << 20) -> bool:
+    """tarfile silently stops at a truncated or garbled header; a real end is only zero blocks."""
+    tail = f.read(limit + 1)
+    return len(tail) <= limit and not tail.strip(b"\0")
+
+
 def _kind(info: tarfile.TarInfo) -> str:
     if info.issym():
         return f"a symbolic link (-> {info.linkname})"
@@ -173,20 +184,33 @@ def _kind(info: tarfile.TarInfo) -> str:
 
 
 class _Window(io.RawIOBase):
-    """A read-only view of `size` bytes of `raw` starting at `offset` (a member tar inside a tar)."""
+    """A read-only, seekable view of `size` bytes of `raw` from `offset` (a member tar inside a tar)."""
 
     def __init__(self, raw, offset: int, size: int):
         self._raw, self._start, self._size, self._pos = raw, offset, size, 0
-        raw.seek(offset)
+        self.short = False  # the underlying file ended before the window did
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + pos))
+        return self._pos
 
     def readinto(self, buffer) -> int:
         n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
+        self._raw.seek(self._start + self._pos)
         data = self._raw.read(n)
+        self.short = self.short or len(data) < n
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -232,13 +256,17 @@ def _read_members(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
 
 
 def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> Iterator[Union[ImageBlob, Failure]]:
-    """Stream a tar (a member tar by offset, or a compressed shard) member by member."""
+    """Read a tar (a member tar by offset, or a compressed shard) member by member, in order.
+
+    Random-access mode, not stream mode: tarfile's stream mode silently ends at a truncated or garbled
+    header, while here the bytes after the last member are checked to be the archive's end marker.
+    """
     where = unit.name or None
     count = 0
     try:
         with FileSystems.open(unit.source) as raw:
             stream = _Window(raw, unit.offset, unit.size) if unit.kind == "member_tar" else raw
-            with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|*") as tar:
+            with tarfile.open(fileobj=stream, mode="r:*") as tar:
                 for info in tar:
                     name = normalise_member(info.name)
                     member = f"{where}/{name}" if where else name
@@ -255,6 +283,11 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> I
                     count += 1
                     rel = f"{prefix}/{posixpath.basename(name)}" if prefix else name
                     yield ImageBlob(unit.source, member, rel, class_key or class_of(rel), data)
+                tar.fileobj.seek(tar.offset)
+                ended_cleanly = _is_end_marker(tar.fileobj)
+            if not ended_cleanly or getattr(stream, "short", False):
+                yield Failure(unit.source, where, f"unreadable tar after {count} members: truncated, or "
+                                                  "garbage where the next member header should be")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         yield Failure(unit.source, where, f"unreadable tar after {count} members: {exc}")
 
