@@ -1,7 +1,7 @@
 """imagebeam downsample: ImageNet tars, tar shards or folders -> Imagenet8/16/32/64 batch files (SPEC §2).
 
-    ReadImages -> DecodeResize -> GroupIntoBatches -> WriteBatches
-                                \\-> AnalyzeMean (TFT) --mean--/
+    IndexInputs -> ReadImages -> DecodeResize -> AssignBatches -> GroupBatches -> WriteBatches
+                                                             \\-> AnalyzeMean (TFT) --mean--/
     failures of every step -> WriteFailures;   counts + files -> WriteMetadata (last)
 
 Train: seeded global shuffle into `train_data_batch_1..B` with the TFT mean and `transform_fn/`.
@@ -19,13 +19,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
-from imagebeam.transforms.batches import GroupIntoBatches, WriteBatches
+from imagebeam.transforms.batches import AssignBatches, GroupBatches, WriteBatches
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.report import WriteFailures, WriteMetadata
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
-from imagebeam.transforms.rows import DecodeToRows, LabelMapFromClasses
-from imagebeam.transforms.sources import ReadImages
+from imagebeam.transforms.rows import DecodeToRows, LabelMapFromIndex
+from imagebeam.transforms.sources import IndexInputs, ReadImages
 from imagebeam.transforms.stats import AnalyzeMean
 
 _LOG = logging.getLogger(__name__)
@@ -74,17 +74,20 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     train = args.split == "train"
     label_map = load_label_map(args.devkit, args.class_map)
 
-    blobs, read_failures = p | "ReadImages" >> ReadImages(args.input)
-    labels = label_map if label_map is not None else blobs | "ClassesFromInput" >> LabelMapFromClasses()
+    indexed = p | "IndexInputs" >> IndexInputs(args.input)
+    labels = label_map if label_map is not None else indexed | "ClassesFromIndex" >> LabelMapFromIndex()
+    blobs, read_failures = indexed | "ReadImages" >> ReadImages()
     rows, decode_failures = blobs | "DecodeResize" >> DecodeToRows(
         labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose)
 
+    assign = AssignBatches(args.batches, args.seed if train else None)
+    assigned = rows | "AssignBatches" >> assign
     mean, cleanup = None, ()
     if train:
         analyze = AnalyzeMean(args.output, args.size)
-        mean, cleanup = rows | "AnalyzeMean" >> analyze, (analyze.temp_dir,)
-    files = (rows
-             | "GroupIntoBatches" >> GroupIntoBatches(args.batches, args.seed if train else None)
+        mean, cleanup = assigned | "AnalyzeMean" >> analyze, (analyze.temp_dir,)
+    files = (assigned
+             | "GroupBatches" >> GroupBatches(assign.batches)
              | "WriteBatches" >> WriteBatches(args.output, args.format, args.size, train, mean))
 
     failures = (read_failures, decode_failures) | "AllFailures" >> beam.Flatten()

@@ -78,28 +78,36 @@ def _assign(keyed: Tuple[ShuffleKey, Row], bounds: List[ShuffleKey]):
     return min(index, len(bounds)), (key, row)
 
 
-class GroupIntoBatches(beam.PTransform):
-    """rows -> (batch index, rows in file order); every index 0..B-1 appears, empty batches too.
+class AssignBatches(beam.PTransform):
+    """rows -> (batch index, (sort key, row)).
 
-    Train (`seed` given): seeded global shuffle into `batches` files. Val (`seed` None): one batch in
-    stable file-name order.
+    Train (`seed` given): the seeded global shuffle into `batches` files, via the B-1 boundary keys.
+    Val (`seed` None): everything in batch 0, keyed by file name for a stable order.
     """
 
     def __init__(self, batches: int, seed: Optional[int]):
         super().__init__()
-        self._batches = batches if seed is not None else 1
+        self.batches = batches if seed is not None else 1
         self._seed = seed
 
     def expand(self, rows):
         if self._seed is None:
-            assigned = rows | "ValOrder" >> beam.Map(lambda r: (0, (val_sort_key(r.name) + (r.source,), r)))
-        else:
-            seed = self._seed
-            keyed = rows | "ShuffleKey" >> beam.Map(lambda r: (shuffle_key(seed, r.name, r.source), r))
-            bounds = (keyed | "Keys" >> beam.Keys()
-                      | "Boundaries" >> beam.CombineGlobally(_BoundariesFn(self._batches)))
-            assigned = keyed | "AssignBatch" >> beam.Map(_assign, beam.pvalue.AsSingleton(bounds))
-        empties = (rows.pipeline | "AllBatches" >> beam.Create([(b, None) for b in range(self._batches)]))
+            return rows | "ValOrder" >> beam.Map(lambda r: (0, (val_sort_key(r.name) + (r.source,), r)))
+        seed = self._seed
+        keyed = rows | "ShuffleKey" >> beam.Map(lambda r: (shuffle_key(seed, r.name, r.source), r))
+        bounds = keyed | "Keys" >> beam.Keys() | "Boundaries" >> beam.CombineGlobally(_BoundariesFn(self.batches))
+        return keyed | "AssignBatch" >> beam.Map(_assign, beam.pvalue.AsSingleton(bounds))
+
+
+class GroupBatches(beam.PTransform):
+    """(batch index, (key, row)) -> (batch index, rows in file order); indexes 0..B-1 all appear."""
+
+    def __init__(self, batches: int):
+        super().__init__()
+        self._batches = batches
+
+    def expand(self, assigned):
+        empties = assigned.pipeline | "AllBatches" >> beam.Create([(b, None) for b in range(self._batches)])
         return (
             (assigned, empties)
             | "WithEmpties" >> beam.Flatten()

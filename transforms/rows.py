@@ -1,12 +1,12 @@
 """ImageBlob -> labelled Imagenet32-style rows, failures as a tagged output.
 
 Labelling runs before decoding so an unknown class costs no decode. With no label map given, labels are
-1 + the index of the sorted class keys of everything read (failed images included, so a bad file never
-renumbers the classes).
+1 + the index of the sorted class keys of everything indexed (failed images included, so a bad file
+never renumbers the classes).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -14,7 +14,7 @@ from apache_beam import pvalue
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.labels import LabelError, LabelMap, sorted_class_map
 from imagebeam.transforms.resize import fast_draft_size, planar_row, squash
-from imagebeam.transforms.sources import Failure, ImageBlob
+from imagebeam.transforms.sources import Failure, ImageBlob, class_keys
 
 FAILURES = "failures"
 
@@ -53,14 +53,14 @@ class _DecodeResizeFn(beam.DoFn):
         yield Row(blob.name, blob.source, label, pixels)
 
 
-class LabelMapFromClasses(beam.PTransform):
-    """The sorted-class label map computed from the blobs themselves (no devkit, no class map)."""
+class LabelMapFromIndex(beam.PTransform):
+    """The sorted-class label map from the index (no devkit, no class map): classes are known from
+    member tar names and paths before any image is read, so decoding never waits for the reading."""
 
-    def expand(self, blobs):
+    def expand(self, indexed):
         return (
-            blobs
-            | "ClassKeys" >> beam.Map(lambda b: b.class_key).with_output_types(Optional[str])
-            | "KnownClasses" >> beam.Filter(lambda k: k is not None)
+            indexed
+            | "ClassKeys" >> beam.FlatMap(class_keys).with_output_types(str)
             | "DistinctClasses" >> beam.Distinct()
             | "SortedMap" >> beam.combiners.ToList()
             | "BuildMap" >> beam.Map(sorted_class_map)

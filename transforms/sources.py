@@ -110,8 +110,16 @@ def index_folder(root: str) -> Iterator[Indexed]:
 def index_tar(path: str) -> Iterator[Indexed]:
     """Read only the headers of a tar: member tars become one unit each, other members are grouped."""
     if path.lower().endswith(_STREAM_TAR_SUFFIXES):
-        # Compressed tars cannot be entered at an offset: one worker streams the whole shard.
-        yield WorkUnit("stream_tar", path)
+        # Compressed tars cannot be entered at an offset: one worker streams the whole shard. Its
+        # member names are still listed here (one decompression pass) so classes are known up front.
+        try:
+            with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+                names = tuple((normalise_member(m.name), -1, m.size) for m in tar if m.isfile())
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            names = ()
+            yield Failure(path, None, f"unreadable compressed tar: {exc}")
+        if names:
+            yield WorkUnit("stream_tar", path, members=names)
         return
     group: List[Tuple[str, int, int]] = []
     group_bytes = 0
@@ -292,24 +300,50 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> I
         yield Failure(unit.source, where, f"unreadable tar after {count} members: {exc}")
 
 
-class ReadImages(beam.PTransform):
-    """Input paths -> (ImageBlob, Failure) PCollections, with the reading spread over workers."""
+def class_keys(item: Indexed) -> Iterator[str]:
+    """The classes a work unit holds, known from the index alone (no image is read)."""
+    if isinstance(item, Failure):
+        return
+    if item.kind == "member_tar":
+        yield _stem(item.name)
+    elif item.kind == "file":
+        key = class_of(item.name)
+        if key is not None:
+            yield key
+    else:
+        for key in {class_of(name) for name, _, _ in item.members}:
+            if key is not None:
+                yield key
 
-    FAILURES = "failures"
+
+class IndexInputs(beam.PTransform):
+    """Input paths -> work units and failures (headers only, cheap)."""
 
     def __init__(self, inputs: List[str]):
         super().__init__()
         self._inputs = list(inputs)
 
     def expand(self, pbegin):
-        indexed = (
-            pbegin
-            | "Inputs" >> beam.Create(self._inputs)
-            | "Index" >> beam.FlatMap(index_input)
+        return pbegin | "Inputs" >> beam.Create(self._inputs) | "Index" >> beam.FlatMap(index_input)
+
+
+class ReadImages(beam.PTransform):
+    """Indexed work units -> (ImageBlob, Failure) PCollections, the reading spread over workers.
+
+    Nothing downstream should make the runner hold the blobs (raw image bytes) between stages: keep
+    the consumers of `blobs` free of side inputs computed from the blobs themselves, so reading and
+    decoding fuse into one stage.
+    """
+
+    FAILURES = "failures"
+
+    def expand(self, indexed):
+        out = (
+            indexed
             | "SpreadUnits" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadUnitFn()).with_outputs(self.FAILURES, main="blobs")
         )
-        return indexed.blobs, indexed[self.FAILURES]
+        return out.blobs, out[self.FAILURES]
 
 
 class _ReadUnitFn(beam.DoFn):

@@ -73,7 +73,13 @@ class _RowsToRecordBatches(beam.DoFn):
 
 
 class AnalyzeMean(beam.PTransform):
-    """rows -> singleton PCollection holding the float64 mean row; writes `output/transform_fn`."""
+    """(batch index, (key, row)) -> singleton PCollection holding the float64 mean row.
+
+    Also writes `output/transform_fn` + `output/transformed_metadata` (tft.TFTransformOutput(output)).
+    It consumes the rows after batch assignment, in the same fused stage as the grouping: with Beam
+    2.77's FnApiRunner in multi-process mode, giving a large buffered PCollection a second consumer
+    stage next to TFT's analyzer stages was seen to drop elements (see tests/test_downsample.py).
+    """
 
     def __init__(self, output: str, size: int):
         super().__init__()
@@ -82,14 +88,16 @@ class AnalyzeMean(beam.PTransform):
         # TFT's scratch space; the job's last step (WriteMetadata) removes it.
         self.temp_dir = join(output, f"{TFT_TEMP_PREFIX}{uuid.uuid4().hex}")
 
-    def expand(self, rows):
+    def expand(self, assigned):
         import tensorflow_transform.beam as tft_beam
         from tfx_bsl.tfxio import tensor_adapter
 
         row_size = self._row_size
         adapter_config = tensor_adapter.TensorAdapterConfig(
             arrow_schema=_arrow_schema(), tensor_representations=_tensor_representations(row_size))
-        record_batches = rows | "ToRecordBatches" >> beam.ParDo(_RowsToRecordBatches(row_size))
+        record_batches = (assigned
+                          | "Rows" >> beam.Map(lambda item: item[1][1])
+                          | "ToRecordBatches" >> beam.ParDo(_RowsToRecordBatches(row_size)))
         with tft_beam.Context(temp_dir=self.temp_dir, force_tf_compat_v1=False):
             transform_fn = ((record_batches, adapter_config)
                             | "AnalyzeMean" >> tft_beam.AnalyzeDataset(make_preprocessing_fn()))
