@@ -1,11 +1,12 @@
 """imagebeam downsample: ImageNet tars, tar shards or folders -> Imagenet8/16/32/64 batch files (SPEC §2).
 
-    IndexInputs -> ReadImages -> DecodeResize -> AssignBatches -> GroupBatches -> WriteBatches
-                                                             \\-> AnalyzeMean (TFT) --mean--/
-    failures of every step -> WriteFailures;   counts + files -> WriteMetadata (last)
+    phase 1: IndexInputs -> ReadImages -> DecodeResize -> AssignBatches -> GroupBatches -> WriteBatches
+             failures of every step -> WriteFailures; counts + files -> WriteMetadata
+    phase 2 (train): staged batches -> AnalyzeMean (TFT) -> FinalizeBatches (+mean) -> metadata.json
 
-Train: seeded global shuffle into `train_data_batch_1..B` with the TFT mean and `transform_fn/`.
-Val: one `val_data` file in file-name order, labelled from the devkit's ground truth.
+Train: seeded global shuffle into `train_data_batch_1..B`; phase 1 writes them to a hidden staging
+folder, phase 2 computes the mean with a TFT analyzer (writing `transform_fn/`), checks it against exact
+sums and writes the final files with it. Val: one `val_data` file in file-name order, in one phase.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
-from imagebeam.transforms.batches import AssignBatches, GroupBatches, WriteBatches
+from imagebeam.transforms.batches import AssignBatches, FinalizeBatches, GroupBatches, WriteBatches
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.report import WriteFailures, WriteMetadata
+from imagebeam.transforms.report import WriteFailures, WriteMetadata, write_metadata
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.rows import DecodeToRows, LabelMapFromIndex
 from imagebeam.transforms.sources import IndexInputs, ReadImages
@@ -70,7 +71,11 @@ def write_classes(label_map: LabelMap, output: str) -> str:
     return label_map.order
 
 
+STAGING = ".staging"
+
+
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
+    """Phase 1: read, decode, shuffle and write the batches (train: to the staging folder, no mean)."""
     train = args.split == "train"
     label_map = load_label_map(args.devkit, args.class_map)
 
@@ -81,14 +86,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose)
 
     assign = AssignBatches(args.batches, args.seed if train else None)
-    assigned = rows | "AssignBatches" >> assign
-    mean, cleanup = None, ()
-    if train:
-        analyze = AnalyzeMean(args.output, args.size)
-        mean, cleanup = assigned | "AnalyzeMean" >> analyze, (analyze.temp_dir,)
-    files = (assigned
+    batch_dir, fmt = (fileutil.join(args.output, STAGING), "npz") if train else (args.output, args.format)
+    files = (rows
+             | "AssignBatches" >> assign
              | "GroupBatches" >> GroupBatches(assign.batches)
-             | "WriteBatches" >> WriteBatches(args.output, args.format, args.size, train, mean))
+             | "WriteBatches" >> WriteBatches(batch_dir, fmt, args.size, train))
 
     failures = (read_failures, decode_failures) | "AllFailures" >> beam.Flatten()
     n_failed = failures | "WriteFailures" >> WriteFailures(args.output)
@@ -98,19 +100,44 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
 
     label_side = labels if isinstance(labels, beam.PCollection) else p | "StaticLabels" >> beam.Create([labels])
     classes_written = label_side | "WriteClasses" >> beam.Map(write_classes, args.output)
+    _ = p | "WriteMetadata" >> WriteMetadata(
+        batch_dir, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args, label_map),
+        extra_side={"label_order": classes_written})
 
-    extra = {
+
+def build_mean(p: beam.Pipeline, args: argparse.Namespace, staged: dict) -> None:
+    """Phase 2 (train): TFT mean over the staged rows, transform_fn, final files, metadata.json."""
+    staging = fileutil.join(args.output, STAGING)
+    paths = [fileutil.join(staging, f["file"]) for f in staged["files"]]
+    staged_paths = p | "StagedFiles" >> beam.Create(paths)
+    analyze = AnalyzeMean(args.output, args.size)
+    mean = staged_paths | "AnalyzeMean" >> analyze
+    files = staged_paths | "FinalizeBatches" >> FinalizeBatches(args.output, args.format, mean)
+    base = {k: v for k, v in staged.items() if k not in ("counts", "files", "versions")}
+    counts = {k: v for k, v in staged["counts"].items() if k != "written"}
+    _ = (p | "Once" >> beam.Create([None])
+         | "WriteMetadata" >> beam.Map(
+             lambda _, files: write_metadata(args.output, base, counts, files, (staging, analyze.temp_dir)),
+             beam.pvalue.AsList(files)))
+
+
+def job_facts(args: argparse.Namespace, label_map) -> dict:
+    facts = {
         "job": "downsample", "split": args.split, "size": args.size, "algorithm": args.algorithm,
         "fast_decode": args.fast_decode, "format": args.format, "inputs": list(args.input),
         "row_layout": f"uint8 channel-planar RGB, {3 * args.size * args.size} values per row",
         "label_source": (label_map.origin if label_map else "sorted class folder names (classes.txt)"),
         "exif_transpose": args.exif_transpose,
     }
-    if train:
-        extra.update(seed=args.seed, batches=args.batches, transform_fn="transform_fn")
-    _ = p | "WriteMetadata" >> WriteMetadata(
-        args.output, counts={"read": n_read, "failed": n_failed}, files=files, extra=extra,
-        extra_side={"label_order": classes_written}, cleanup_paths=cleanup)
+    if args.split == "train":
+        facts.update(seed=args.seed, batches=args.batches, transform_fn="transform_fn",
+                     mean="tft.mean over all train rows (float64), checked against exact float64 sums")
+    return facts
+
+
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as f:
+        return json.load(f)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -118,10 +145,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args, pipeline_options = job_options.parse(make_parser(), argv)
     check_args(args)
     fileutil.ensure_dir(args.output)
-    with beam.Pipeline(options=pipeline_options) as p:
-        build(p, args)
-    with FileSystems.open(fileutil.join(args.output, "metadata.json")) as f:
-        meta = json.load(f)
+    job_options.run_pipeline(build, pipeline_options, args)
+    if args.split == "train":
+        staged = read_json(fileutil.join(args.output, STAGING, "metadata.json"))
+        # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.
+        job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
+                                 isolate=True)
+    meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("downsample finished: %s", meta["counts"])
     return meta
 

@@ -5,6 +5,9 @@ import shutil
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # inherited by the pipelines' SDK worker processes
+# Pipelines built in test modules run their DoFns in SDK worker processes, which import them by name.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
 
 from imagebeam import sample as sample_lib
 

@@ -42,7 +42,7 @@ def _rows(n, size=8):
 
 def test_npz_is_plain_arrays_and_byte_stable():
     rows = _rows(6)
-    d = batches.batch_dict(rows, 192, np.arange(192, dtype=np.float64))
+    d = batches.batch_dict(*batches.rows_to_arrays(rows, 192), np.arange(192, dtype=np.float64))
     out1, out2 = io.BytesIO(), io.BytesIO()
     batches.write_npz(out1, d)
     batches.write_npz(out2, d)
@@ -56,7 +56,7 @@ def test_npz_is_plain_arrays_and_byte_stable():
 
 
 def test_pickle_holds_spec_types():
-    d = batches.batch_dict(_rows(3), 192, None)
+    d = batches.batch_dict(*batches.rows_to_arrays(_rows(3), 192), None)
     buf = io.BytesIO()
     batches.write_pickle(buf, d)
     loaded = pickle.loads(buf.getvalue())

@@ -1,10 +1,13 @@
 """Regression: no row may vanish between decoding and the files at a scale where Beam buffers a lot.
 
-With an earlier layout (TFT's analyzer reading the rows PCollection beside the shuffle), Beam 2.77's
-FnApiRunner in multi-process mode dropped a few percent of 100,000 rows without any error. This runs
-the train tail of the downsample job (AssignBatches -> AnalyzeMean (TFT) -> GroupBatches) on 100,000
-synthetic rows and checks every row and the mean.
+Beam 2.77's FnApiRunner silently lost a few percent of 100,000 rows when TensorFlow was loaded in the
+runner's process (the launcher), which building a TFT analysis does. The train job now keeps TensorFlow
+out of every multi-process pipeline's launcher (options.run_pipeline). This drives both phases of the
+train job at that scale (100,000 rows of 32x32x3) from this pytest process, which by now has usually
+imported TensorFlow itself, and checks every row and the mean.
 """
+import os
+
 import apache_beam as beam
 import numpy as np
 import pytest
@@ -12,35 +15,70 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from imagebeam.pipelines import options
-from imagebeam.transforms.batches import AssignBatches, GroupBatches, batch_sizes
+from imagebeam.transforms.batches import AssignBatches, FinalizeBatches, GroupBatches, WriteBatches, batch_sizes
 from imagebeam.transforms.rows import Row
-from imagebeam.transforms.stats import AnalyzeMean
-
-pytestmark = pytest.mark.pipeline
+from imagebeam.transforms.stats import AnalyzeMean, MeanMismatch, checked_mean
+from spec_loader import load_npz
 
 N = 100_000
 SIZE = 32
 
 
-def expected_mean() -> np.ndarray:
-    idx = (np.arange(3 * SIZE * SIZE)[None, :] + np.arange(N)[:, None]) % 251
-    return idx.mean(axis=0)
+def test_checked_mean_refuses_a_mean_that_does_not_fit_the_rows():
+    exact = np.array([100.0, 50.0])
+    np.testing.assert_array_equal(checked_mean(exact * (1 + 1e-8), exact), exact * (1 + 1e-8))
+    with pytest.raises(MeanMismatch, match="rows were lost"):
+        checked_mean(np.array([100.0, 50.1]), exact)
+    with pytest.raises(MeanMismatch, match="no training rows"):
+        checked_mean(exact, None)
 
 
+def make_row(i: int) -> Row:
+    pixels = ((np.arange(3 * SIZE * SIZE) + i) % 251).astype(np.uint8)
+    return Row(f"c{i % 10}/img{i}", "src", i % 10 + 1, pixels.tobytes())
+
+
+def build_rows_to_staging(p, staging: str) -> None:
+    rows = p | beam.Create(list(range(N)), reshuffle=False) | beam.Reshuffle() | beam.Map(make_row)
+    files = rows | AssignBatches(10, seed=0) | GroupBatches(10) | WriteBatches(staging, "npz", SIZE, train=True)
+    assert_that(files | beam.Map(lambda f: f["rows"]), equal_to(batch_sizes(N, 10)))
+
+
+def build_mean_phase(p, staging: str, final: str) -> None:
+    staged = p | beam.Create(sorted(os.path.join(staging, f) for f in os.listdir(staging)))
+    mean = staged | AnalyzeMean(final, SIZE)
+    _ = staged | FinalizeBatches(final, "npz", mean)
+
+
+@pytest.mark.pipeline
 def test_hundred_thousand_rows_all_arrive(tmp_path):
-    def make_row(i: int) -> Row:  # local: shipped to the SDK workers by value
-        pixels = ((np.arange(3 * SIZE * SIZE) + i) % 251).astype(np.uint8)
-        return Row(f"c{i % 10}/img{i}", "src", i % 10 + 1, pixels.tobytes())
+    import tensorflow  # noqa: F401  the launcher has TensorFlow loaded, as after any TFT phase
 
+    staging, final = str(tmp_path / "staging"), str(tmp_path / "final")
     opts = PipelineOptions(options.beam_args_with_defaults(["--direct_num_workers", "2"]))
-    with beam.Pipeline(options=opts) as p:
-        rows = (p | beam.Create(list(range(N)), reshuffle=False) | beam.Reshuffle()
-                | beam.Map(make_row))
-        assigned = rows | AssignBatches(10, seed=0)
-        mean = assigned | AnalyzeMean(str(tmp_path), SIZE)
-        sizes = (assigned | GroupBatches(10)
-                 | beam.MapTuple(lambda index, batch: (index, len(batch), len({r.name for r in batch}))))
-        assert_that(sizes, equal_to([(i, n, n) for i, n in enumerate(batch_sizes(N, 10))]), label="Sizes")
-        want = expected_mean()
-        assert_that(mean | beam.Map(lambda m: bool(np.allclose(m, want, rtol=1e-6))), equal_to([True]),
-                    label="Mean")
+    options.run_pipeline(build_rows_to_staging, opts, staging)
+    options.run_pipeline(build_mean_phase, options.in_process(opts), staging, final, isolate=True)
+
+    batches = [load_npz(os.path.join(final, f"train_data_batch_{k}.npz")) for k in range(1, 11)]
+    assert [len(b["labels"]) for b in batches] == batch_sizes(N, 10)
+    first = np.concatenate([b["data"][:, 0] for b in batches]).astype(np.int64)
+    assert np.bincount(first, minlength=251).tolist() == np.bincount(np.arange(N) % 251).tolist()
+    idx = (np.arange(3 * SIZE * SIZE)[None, :] + np.arange(N)[:, None]) % 251
+    np.testing.assert_allclose(batches[0]["mean"], idx.mean(axis=0), rtol=1e-6)
+
+
+@pytest.mark.pipeline
+def test_downsample_keeps_tensorflow_out_of_the_launcher(ilsvrc, tmp_path):
+    """A fresh interpreter runs a whole train job: afterwards TensorFlow must not be loaded in it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from imagebeam.pipelines import downsample\n"
+        f"downsample.run(['--input', {ilsvrc.train_tar!r}, '--devkit', {ilsvrc.devkit!r}, "
+        f"'--output', {str(tmp_path / 'out')!r}, '--size', '8', '--direct_num_workers', '2'])\n"
+        "print('TF_LOADED', 'tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TF_LOADED False" in out.stdout
+    assert os.path.exists(tmp_path / "out" / "transform_fn")

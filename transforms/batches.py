@@ -117,13 +117,18 @@ class GroupBatches(beam.PTransform):
         )
 
 
-def batch_dict(rows: List[Row], row_size: int, mean: Optional[np.ndarray]) -> Dict[str, object]:
+def batch_dict(data: np.ndarray, labels, mean: Optional[np.ndarray]) -> Dict[str, object]:
     """The dict of SPEC §2: data uint8 (n, 3*S*S), labels list of int, mean float64 (train only)."""
-    data = np.frombuffer(b"".join(r.pixels for r in rows), dtype=np.uint8).reshape(len(rows), row_size)
-    out: Dict[str, object] = {"data": data, "labels": [int(r.label) for r in rows]}
+    out: Dict[str, object] = {"data": np.ascontiguousarray(data, dtype=np.uint8),
+                              "labels": [int(v) for v in labels]}
     if mean is not None:
         out["mean"] = np.asarray(mean, dtype=np.float64)
     return out
+
+
+def rows_to_arrays(rows: List[Row], row_size: int) -> Tuple[np.ndarray, List[int]]:
+    data = np.frombuffer(b"".join(r.pixels for r in rows), dtype=np.uint8).reshape(len(rows), row_size)
+    return data, [r.label for r in rows]
 
 
 def write_pickle(f, batch: Dict[str, object]) -> None:
@@ -154,28 +159,50 @@ def batch_file_name(index: int, train: bool, fmt: str) -> str:
     return base + WRITERS[fmt][1]
 
 
-class _WriteBatchFn(beam.DoFn):
-    def __init__(self, output: str, fmt: str, row_size: int, train: bool):
-        self._output, self._fmt, self._row_size, self._train = output, fmt, row_size, train
-
-    def process(self, element, mean=None):
-        index, rows = element
-        path = join(self._output, batch_file_name(index, self._train, self._fmt))
-        batch = batch_dict(rows, self._row_size, mean if self._train else None)
-        write_with(path, lambda f: WRITERS[self._fmt][0](f, batch))
-        yield {"file": path.rsplit("/", 1)[-1], "rows": len(rows)}
+def write_batch(path: str, fmt: str, batch: Dict[str, object]) -> None:
+    write_with(path, lambda f: WRITERS[fmt][0](f, batch))
 
 
 class WriteBatches(beam.PTransform):
-    """(index, rows) -> files in `output`; emits {"file", "rows"} per file written."""
+    """(index, rows) -> batch files in `output`; emits {"file", "rows"} per file written.
 
-    def __init__(self, output: str, fmt: str, size: int, train: bool, mean=None):
+    Train rows written with fmt "npz" and no mean are the staging files of the two-phase train job.
+    """
+
+    def __init__(self, output: str, fmt: str, size: int, train: bool):
         super().__init__()
         if fmt not in WRITERS:
             raise ValueError(f"unknown format {fmt!r}; choose from {sorted(WRITERS)}")
-        self._fn = _WriteBatchFn(output, fmt, 3 * size * size, train)
-        self._mean = mean
+        self._output, self._fmt, self._row_size, self._train = output, fmt, 3 * size * size, train
 
     def expand(self, batches):
-        side = [beam.pvalue.AsSingleton(self._mean)] if self._mean is not None else []
-        return batches | "WriteFile" >> beam.ParDo(self._fn, *side)
+        output, fmt, row_size, train = self._output, self._fmt, self._row_size, self._train
+
+        def write(element):
+            index, rows = element
+            name = batch_file_name(index, train, fmt)
+            write_batch(join(output, name), fmt, batch_dict(*rows_to_arrays(rows, row_size), None))
+            return {"file": name, "rows": len(rows)}
+
+        return batches | "WriteFile" >> beam.Map(write)
+
+
+class FinalizeBatches(beam.PTransform):
+    """Staged npz batch paths -> the final files in `fmt` with the mean added; emits {"file", "rows"}."""
+
+    def __init__(self, output: str, fmt: str, mean: beam.PCollection):
+        super().__init__()
+        self._output, self._fmt, self._mean = output, fmt, mean
+
+    def expand(self, staged_paths):
+        output, fmt = self._output, self._fmt
+
+        def finalize(path: str, mean: np.ndarray) -> dict:
+            from imagebeam.transforms.stats import read_staged
+
+            staged = read_staged(path)
+            name = path.rsplit("/", 1)[-1][: -len(".npz")] + WRITERS[fmt][1]
+            write_batch(join(output, name), fmt, batch_dict(staged["data"], staged["labels"], mean))
+            return {"file": name, "rows": int(len(staged["labels"]))}
+
+        return staged_paths | "WriteFinal" >> beam.Map(finalize, beam.pvalue.AsSingleton(self._mean))

@@ -15,13 +15,19 @@ from apache_beam.io.filesystems import FileSystems
 TEMP_MARK = ".inprogress-"
 
 
-def join(directory: str, name: str) -> str:
-    return FileSystems.join(directory, name)
+def join(directory: str, *names: str) -> str:
+    return FileSystems.join(directory, *names)
 
 
 def ensure_dir(directory: str) -> None:
-    if not FileSystems.exists(directory):
+    """Create `directory` if missing; several workers may race to do it."""
+    if FileSystems.exists(directory):
+        return
+    try:
         FileSystems.mkdirs(directory)
+    except IOError:
+        if not FileSystems.exists(directory):
+            raise
 
 
 @contextlib.contextmanager

@@ -92,20 +92,25 @@ class WriteMetadata(beam.PTransform):
 def _metadata_writer(output: str, extra: dict, cleanup: tuple) -> Callable:
     def write(_, files, **sides) -> dict:
         counts = {k[len("count_"):]: int(v) for k, v in sides.items() if k.startswith("count_")}
-        files = sorted(files, key=lambda f: _natural_key(f["file"]))
-        counts["written"] = sum(f["rows"] for f in files)
         meta = dict(extra)
         meta.update({k[len("side_"):]: v for k, v in sides.items() if k.startswith("side_")})
-        meta["counts"] = counts
-        meta["files"] = files
-        meta["versions"] = versions()
-        if counts.get("read") != counts["written"] + counts.get("failed", 0):
-            raise CountsDontAddUp(f"counts do not add up: {counts}")
-        _remove_temporaries(cleanup)
-        write_atomically(join(output, "metadata.json"),
-                         (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-        return meta
+        return write_metadata(output, meta, counts, files, cleanup)
     return write
+
+
+def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[dict],
+                   cleanup: tuple = ()) -> dict:
+    """Check the counts, remove temporaries, then write `output/metadata.json` (the job's last file)."""
+    meta = dict(meta)
+    files = sorted(files, key=lambda f: _natural_key(f["file"]))
+    counts = dict(counts, written=sum(f["rows"] for f in files))
+    meta.update(counts=counts, files=files, versions=versions())
+    if counts.get("read") != counts["written"] + counts.get("failed", 0):
+        raise CountsDontAddUp(f"counts do not add up: {counts}")
+    _remove_temporaries(cleanup)
+    write_atomically(join(output, "metadata.json"),
+                     (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return meta
 
 
 def _natural_key(name: str):

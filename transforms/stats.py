@@ -1,17 +1,23 @@
-"""The Imagenet32 mean image, computed with tensorflow-transform analyzers inside the pipeline.
+"""The Imagenet32 mean image, computed with tensorflow-transform analyzers inside the job.
 
 The analysis writes `transform_fn/` (a TFT SavedModel) that normalises a row the way the seed's loader
 does, `x/255 - mean/255`, so training code can apply it with `tft.TFTransformOutput(DIR)`. The mean put
 into the batch files is read back from that same graph, so files and graph can never disagree.
+
+It runs over the staged batch files of the downsample job's first phase, in a pipeline of its own: with
+Beam 2.77's FnApiRunner in multi-process mode, a pipeline holding both the image rows and TFT's analyzer
+stages was seen to lose rows silently (tests/test_scale.py). Here TFT's input is re-read from files and
+its result is checked against exact sums of the same files.
 """
 from __future__ import annotations
 
+import io
 import uuid
+from typing import Iterator, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms.fileutil import join
 
@@ -43,42 +49,57 @@ def mean_from_transform_fn(transform_output_dir: str, row_size: int) -> np.ndarr
     return -255.0 * normalised
 
 
-class _RowsToRecordBatches(beam.DoFn):
-    """Rows -> Arrow record batches of int64 pixels: TFT's native input, far cheaper than instance dicts."""
+def staged_record_batches(path: str, row_size: int, batch_rows: int = 1024) -> Iterator["pa.RecordBatch"]:
+    """A staged batch file -> Arrow record batches of int64 pixels, TFT's native input."""
+    import pyarrow as pa
 
-    def __init__(self, row_size: int, batch_rows: int = 1024):
-        self._row_size, self._batch_rows = row_size, batch_rows
+    data = read_staged(path)["data"]
+    for start in range(0, len(data), batch_rows):
+        chunk = data[start:start + batch_rows].astype(np.int64)
+        offsets = pa.array(np.arange(0, (len(chunk) + 1) * row_size, row_size, dtype=np.int32))
+        yield pa.RecordBatch.from_arrays([pa.ListArray.from_arrays(offsets, pa.array(chunk.reshape(-1)))],
+                                         [IMAGE_KEY])
 
-    def start_bundle(self):
-        self._buffer = []
 
-    def process(self, row):
-        self._buffer.append(row.pixels)
-        if len(self._buffer) >= self._batch_rows:
-            yield self._flush()
+def read_staged(path: str) -> dict:
+    with FileSystems.open(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
-    def finish_bundle(self):
-        if self._buffer:
-            yield WindowedValue(self._flush(), GlobalWindow().max_timestamp(), [GlobalWindow()])
 
-    def _flush(self):
-        import pyarrow as pa
+def staged_sum(path: str) -> Tuple[np.ndarray, int]:
+    """Exact float64 column sums and row count of a staged file (the check on TFT's mean)."""
+    data = read_staged(path)["data"]
+    return data.sum(axis=0, dtype=np.float64), len(data)
 
-        pixels = np.frombuffer(b"".join(self._buffer), dtype=np.uint8).astype(np.int64)
-        n = len(self._buffer)
-        self._buffer = []
-        offsets = pa.array(np.arange(0, (n + 1) * self._row_size, self._row_size, dtype=np.int32))
-        column = pa.ListArray.from_arrays(offsets, pa.array(pixels))
-        return pa.RecordBatch.from_arrays([column], [IMAGE_KEY])
+
+class _ExactMeanFn(beam.CombineFn):
+    def create_accumulator(self):
+        return (None, 0)
+
+    def add_input(self, acc, item):
+        total, n = acc
+        s, k = item
+        return (s if total is None else total + s, n + k)
+
+    def merge_accumulators(self, accs):
+        total, n = None, 0
+        for s, k in accs:
+            if s is not None:
+                total = s if total is None else total + s
+            n += k
+        return (total, n)
+
+    def extract_output(self, acc):
+        total, n = acc
+        return None if total is None or n == 0 else total / n
 
 
 class AnalyzeMean(beam.PTransform):
-    """(batch index, (key, row)) -> singleton PCollection holding the float64 mean row.
+    """Staged batch files -> singleton PCollection of the float64 mean row, from a TFT analyzer.
 
-    Also writes `output/transform_fn` + `output/transformed_metadata` (tft.TFTransformOutput(output)).
-    It consumes the rows after batch assignment, in the same fused stage as the grouping: with Beam
-    2.77's FnApiRunner in multi-process mode, giving a large buffered PCollection a second consumer
-    stage next to TFT's analyzer stages was seen to drop elements (see tests/test_downsample.py).
+    Writes `output/transform_fn` + `output/transformed_metadata` (`tft.TFTransformOutput(output)`), reads
+    the mean back from that graph, and checks it against exact float64 sums of the same rows (1e-6
+    relative): a mean that does not describe the rows in the files is an error, never written.
     """
 
     def __init__(self, output: str, size: int):
@@ -88,23 +109,38 @@ class AnalyzeMean(beam.PTransform):
         # TFT's scratch space; the job's last step (WriteMetadata) removes it.
         self.temp_dir = join(output, f"{TFT_TEMP_PREFIX}{uuid.uuid4().hex}")
 
-    def expand(self, assigned):
+    def expand(self, staged_paths):
         import tensorflow_transform.beam as tft_beam
         from tfx_bsl.tfxio import tensor_adapter
 
-        row_size = self._row_size
+        row_size, output = self._row_size, self._output
         adapter_config = tensor_adapter.TensorAdapterConfig(
             arrow_schema=_arrow_schema(), tensor_representations=_tensor_representations(row_size))
-        record_batches = (assigned
-                          | "Rows" >> beam.Map(lambda item: item[1][1])
-                          | "ToRecordBatches" >> beam.ParDo(_RowsToRecordBatches(row_size)))
+        record_batches = staged_paths | "ToRecordBatches" >> beam.FlatMap(staged_record_batches, row_size)
         with tft_beam.Context(temp_dir=self.temp_dir, force_tf_compat_v1=False):
             transform_fn = ((record_batches, adapter_config)
                             | "AnalyzeMean" >> tft_beam.AnalyzeDataset(make_preprocessing_fn()))
-            written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._output)
+            written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output)
+        exact = (staged_paths | "ExactSums" >> beam.Map(staged_sum)
+                 | "ExactMean" >> beam.CombineGlobally(_ExactMeanFn()))
         # Read the mean back from the published graph, the one users will load.
-        output = self._output
-        return written | "ReadMeanBack" >> beam.Map(lambda _: mean_from_transform_fn(output, row_size))
+        return written | "ReadMeanBack" >> beam.Map(
+            lambda _, exact_mean: checked_mean(mean_from_transform_fn(output, row_size), exact_mean),
+            beam.pvalue.AsSingleton(exact))
+
+
+class MeanMismatch(RuntimeError):
+    pass
+
+
+def checked_mean(tft_mean: np.ndarray, exact_mean: Optional[np.ndarray], rtol: float = 1e-6) -> np.ndarray:
+    if exact_mean is None:
+        raise MeanMismatch("no training rows: there is no mean to compute")
+    worst = float(np.max(np.abs(tft_mean - exact_mean) / np.maximum(np.abs(exact_mean), 1e-12)))
+    if worst > rtol:
+        raise MeanMismatch(f"the TFT mean differs from the exact float64 mean of the rows by {worst:.3g} "
+                           f"(relative), more than {rtol}: rows were lost or corrupted on the way")
+    return tft_mean
 
 
 def _arrow_schema():
