@@ -1,6 +1,6 @@
 """imagebeam downsample: ImageNet tars, tar shards or folders -> Imagenet8/16/32/64 batch files (SPEC §2).
 
-    phase 1: IndexInputs -> ReadImages -> DecodeResize -> AssignBatches -> GroupBatches -> WriteBatches
+    phase 1: IndexInputs -> ReadImages -> DecodeResize -> Shuffle (into key buckets) -> WriteBatches
              failures of every step -> WriteFailures; counts + files -> WriteMetadata
     phase 2 (train): staged batches -> AnalyzeMean (TFT) -> FinalizeBatches (+mean) -> metadata.json
 
@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
-from imagebeam.transforms.batches import AssignBatches, FinalizeBatches, GroupBatches, WriteBatches
+from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.report import WriteFailures, WriteMetadata, write_metadata
@@ -72,6 +72,7 @@ def write_classes(label_map: LabelMap, output: str) -> str:
 
 
 STAGING = ".staging"
+BUCKETS_PER_BATCH = 8  # shuffle buckets per output batch: parallelism of the sort/write step
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
@@ -85,12 +86,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     rows, decode_failures = blobs | "DecodeResize" >> DecodeToRows(
         labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose)
 
-    assign = AssignBatches(args.batches, args.seed if train else None)
-    batch_dir, fmt = (fileutil.join(args.output, STAGING), "npz") if train else (args.output, args.format)
-    files = (rows
-             | "AssignBatches" >> assign
-             | "GroupBatches" >> GroupBatches(assign.batches)
-             | "WriteBatches" >> WriteBatches(batch_dir, fmt, args.size, train))
+    batch_dir = fileutil.join(args.output, STAGING) if train else args.output
+    buckets, counts = rows | "Shuffle" >> ShuffleIntoBuckets(args.seed if train else None, BUCKETS_PER_BATCH * args.batches)
+    files = buckets | "WriteBatches" >> WriteBatches(batch_dir, args.format, args.size, train, args.batches, counts)
 
     failures = (read_failures, decode_failures) | "AllFailures" >> beam.Flatten()
     n_failed = failures | "WriteFailures" >> WriteFailures(args.output)
@@ -108,11 +106,14 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
 def build_mean(p: beam.Pipeline, args: argparse.Namespace, staged: dict) -> None:
     """Phase 2 (train): TFT mean over the staged rows, transform_fn, final files, metadata.json."""
     staging = fileutil.join(args.output, STAGING)
-    paths = [fileutil.join(staging, f["file"]) for f in staged["files"]]
-    staged_paths = p | "StagedFiles" >> beam.Create(paths)
+    pieces = {b: [] for b in range(args.batches)}
+    for f in sorted(staged["files"], key=lambda f: f["file"]):  # piece-BATCH-BUCKET: bucket order
+        pieces[f["batch"]].append(fileutil.join(staging, f["file"]))
+    staged_paths = p | "StagedFiles" >> beam.Create([path for b in sorted(pieces) for path in pieces[b]])
     analyze = AnalyzeMean(args.output, args.size)
     mean = staged_paths | "AnalyzeMean" >> analyze
-    files = staged_paths | "FinalizeBatches" >> FinalizeBatches(args.output, args.format, mean)
+    files = (p | "PiecesPerBatch" >> beam.Create(sorted(pieces.items()))
+             | "FinalizeBatches" >> FinalizeBatches(args.output, args.format, mean))
     base = {k: v for k, v in staged.items() if k not in ("counts", "files", "versions")}
     counts = {k: v for k, v in staged["counts"].items() if k != "written"}
     _ = (p | "Once" >> beam.Create([None])

@@ -13,30 +13,47 @@ def test_imagenet_batch_sizes_from_spec():
     sizes = batches.batch_sizes(1_281_167, 10)
     assert sizes[:9] == [128_116] * 9 and sizes[9] == 128_123 and sum(sizes) == 1_281_167
     assert batches.batch_sizes(7, 10) == [0] * 9 + [7]
+    assert batches.batch_of_rank(128_116 * 9, 1_281_167, 10) == 9
+    assert batches.batch_of_rank(1_281_166, 1_281_167, 10) == 9
 
 
 @pytest.mark.parametrize("n", [0, 3, 10, 57, 1000])
-def test_boundaries_give_exact_batch_sizes(n):
-    keys = sorted(batches.shuffle_key(0, f"img{i}", "src") for i in range(n))
-    bounds = batches.boundaries(keys, 10)
-    counts = np.bincount([min(len(bounds), __import__("bisect").bisect_right(bounds, k)) for k in keys],
-                         minlength=10)
-    assert list(counts) == batches.batch_sizes(n, 10)
+def test_bucket_pieces_give_exact_batch_sizes_in_key_order(n):
+    rows = [Row(f"img{i}", "src", 1, bytes([i % 256]) * 3) for i in range(n)]
+    keyed = [batches._bucketed(r, 0, 16) for r in rows]
+    by_bucket = {}
+    for b, packed in keyed:
+        by_bucket.setdefault(b, []).append(packed)
+    counts = {b: len(v) for b, v in by_bucket.items()}
+    sizes = [0] * 10
+    order = []
+    for b in sorted(by_bucket):
+        for batch, piece in batches.split_bucket(b, sorted(by_bucket[b], key=batches._row_order), counts, 10):
+            sizes[batch] += len(piece)
+            order += [(batch, batches.unpack_row(p)[0]) for p in piece]
+    assert sizes == batches.batch_sizes(n, 10)
+    assert order == sorted(order)  # batches in order, keys ascending: one global permutation
+
+
+def test_packed_rows_round_trip():
+    row = Row("n01440764/ü.JPEG", "/data/train.tar", 449, bytes(range(12)))
+    key = batches.shuffle_key(3, row.name)
+    assert batches.unpack_row(batches.pack_row(key, row)) == (key, row.name, row.source, 449, row.pixels)
 
 
 def test_shuffle_key_depends_on_seed_and_name_only():
-    a = batches.shuffle_key(0, "n1/x.JPEG", "/a/train.tar")
-    assert a == batches.shuffle_key(0, "n1/x.JPEG", "/a/train.tar")
-    assert a[0] == batches.shuffle_key(0, "n1/x.JPEG", "/elsewhere/train.tar")[0]
-    assert a[0] != batches.shuffle_key(1, "n1/x.JPEG", "/a/train.tar")[0]
-    order0 = sorted(range(100), key=lambda i: batches.shuffle_key(0, str(i), ""))
-    order1 = sorted(range(100), key=lambda i: batches.shuffle_key(1, str(i), ""))
+    a = batches.shuffle_key(0, "n1/x.JPEG")
+    assert a == batches.shuffle_key(0, "n1/x.JPEG") and len(a) == 16
+    assert a != batches.shuffle_key(1, "n1/x.JPEG")
+    order0 = sorted(range(100), key=lambda i: batches.shuffle_key(0, str(i)))
+    order1 = sorted(range(100), key=lambda i: batches.shuffle_key(1, str(i)))
     assert order0 != order1 and order0 != list(range(100))
 
 
 def _rows(n, size=8):
     rng = np.random.default_rng(0)
-    return [Row(f"r{i}", "s", int(i % 5) + 1, rng.integers(0, 256, 3 * size * size, dtype=np.uint8).tobytes())
+    return [batches.pack_row(b"k" * 16, Row(f"r{i}", "s", int(i % 5) + 1,
+                                            rng.integers(0, 256, 3 * size * size, dtype=np.uint8).tobytes()))
             for i in range(n)]
 
 

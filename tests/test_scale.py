@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from imagebeam.pipelines import options
-from imagebeam.transforms.batches import AssignBatches, FinalizeBatches, GroupBatches, WriteBatches, batch_sizes
+from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, batch_sizes
 from imagebeam.transforms.rows import Row
 from imagebeam.transforms.stats import AnalyzeMean, MeanMismatch, checked_mean
 from spec_loader import load_npz
@@ -40,14 +40,18 @@ def make_row(i: int) -> Row:
 
 def build_rows_to_staging(p, staging: str) -> None:
     rows = p | beam.Create(list(range(N)), reshuffle=False) | beam.Reshuffle() | beam.Map(make_row)
-    files = rows | AssignBatches(10, seed=0) | GroupBatches(10) | WriteBatches(staging, "npz", SIZE, train=True)
-    assert_that(files | beam.Map(lambda f: f["rows"]), equal_to(batch_sizes(N, 10)))
+    buckets, counts = rows | ShuffleIntoBuckets(seed=0, buckets=80)
+    files = buckets | WriteBatches(staging, "npz", SIZE, True, 10, counts)
+    per_batch = files | beam.Map(lambda f: (f["batch"], f["rows"])) | beam.CombinePerKey(sum)
+    assert_that(per_batch, equal_to(list(enumerate(batch_sizes(N, 10)))))
 
 
 def build_mean_phase(p, staging: str, final: str) -> None:
-    staged = p | beam.Create(sorted(os.path.join(staging, f) for f in os.listdir(staging)))
+    names = sorted(os.listdir(staging))
+    pieces = [(b, [os.path.join(staging, n) for n in names if n.startswith(f"piece-{b:05d}-")]) for b in range(10)]
+    staged = p | "Paths" >> beam.Create([os.path.join(staging, n) for n in names])
     mean = staged | AnalyzeMean(final, SIZE)
-    _ = staged | FinalizeBatches(final, "npz", mean)
+    _ = p | "Pieces" >> beam.Create(pieces) | FinalizeBatches(final, "npz", mean)
 
 
 @pytest.mark.pipeline

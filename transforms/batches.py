@@ -2,34 +2,35 @@
 
 Determinism: the shuffle is the order of a keyed hash of (seed, image name), so it depends only on the
 set of images and the seed, never on bundle boundaries, worker count or runner. Batch k holds the rows
-of ranks [k*q, (k+1)*q) with q = N // batches, the last batch the remainder, found from the B-1
-boundary keys of the sorted key list (one small global combine). Inside a file rows are sorted by key.
+of ranks [k*q, (k+1)*q) with q = N // batches, the last batch the remainder. Rows travel as packed
+bytes and are grouped once, into buckets that partition the key range in order; a bucket's global
+ranks follow from the row counts of the buckets before it (a small side input), so each sorted bucket
+is cut into per-batch pieces without a second shuffle.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import pickle
+import struct
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 
 from imagebeam.transforms.fileutil import join, write_with
-from imagebeam.transforms.labels import val_sort_key
 from imagebeam.transforms.rows import Row
 
 PICKLE_PROTOCOL = 4  # Python 3 readers, objects over 4 GB allowed; the seed's loader is plain pickle.load
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed npz member timestamps: same rows => same bytes
 
-ShuffleKey = Tuple[bytes, str, str]
+KEY_BYTES = 16
+_HEADER = struct.Struct("<16sIHH")  # shuffle key, label, len(name), len(source); then name, source, pixels
 
 
-def shuffle_key(seed: int, name: str, source: str) -> ShuffleKey:
-    """The row's place in the seeded permutation: a 128-bit keyed hash, ties broken by name and source."""
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=16, key=str(int(seed)).encode()).digest()
-    return (digest, name, source)
+def shuffle_key(seed: int, name: str) -> bytes:
+    """The row's place in the seeded permutation: a 128-bit keyed BLAKE2 hash of its name."""
+    return hashlib.blake2b(name.encode("utf-8"), digest_size=KEY_BYTES, key=str(int(seed)).encode()).digest()
 
 
 def batch_sizes(n: int, batches: int) -> List[int]:
@@ -38,83 +39,83 @@ def batch_sizes(n: int, batches: int) -> List[int]:
     return [q] * (batches - 1) + [n - q * (batches - 1)]
 
 
-def boundaries(sorted_keys: Sequence[ShuffleKey], batches: int) -> List[ShuffleKey]:
-    """The keys at ranks q, 2q, ..., (B-1)q; a key's batch is bisect_right(boundaries, key)."""
-    q = len(sorted_keys) // batches
-    if q == 0:
-        # Fewer rows than batches: all rows go to the last batch, the others are empty.
-        return [(b"", "", "")] * (batches - 1) if not sorted_keys else [sorted_keys[0]] * (batches - 1)
-    return [sorted_keys[q * k] for k in range(1, batches)]
+def batch_of_rank(rank: int, n: int, batches: int) -> int:
+    """The batch (0-based) of the row at global position `rank` of n."""
+    q = n // batches
+    return batches - 1 if q == 0 else min(rank // q, batches - 1)
 
 
-class _BoundariesFn(beam.CombineFn):
-    """All shuffle keys (about 60 bytes each) -> the B-1 batch boundaries."""
-
-    def __init__(self, batches: int):
-        self._batches = batches
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, key):
-        acc.append(key)
-        return acc
-
-    def merge_accumulators(self, accs):
-        merged = []
-        for acc in accs:
-            merged.extend(acc)
-        return merged
-
-    def extract_output(self, acc):
-        acc.sort()
-        return boundaries(acc, self._batches)
+def pack_row(key: bytes, row: Row) -> bytes:
+    """A row as one bytes value: cheap for Beam to move (no pickling); sorts by key first."""
+    name, source = row.name.encode("utf-8"), row.source.encode("utf-8")
+    return _HEADER.pack(key, row.label, len(name), len(source)) + name + source + row.pixels
 
 
-def _assign(keyed: Tuple[ShuffleKey, Row], bounds: List[ShuffleKey]):
-    key, row = keyed
-    index = bisect.bisect_right(bounds, key)
-    # A row whose key equals the (B-1)q-th key must land in the last batch, not beyond it.
-    return min(index, len(bounds)), (key, row)
+def unpack_row(packed: bytes) -> Tuple[bytes, str, str, int, bytes]:
+    key, label, n_name, n_source = _HEADER.unpack_from(packed)
+    at = _HEADER.size
+    name = packed[at:at + n_name].decode("utf-8")
+    source = packed[at + n_name:at + n_name + n_source].decode("utf-8")
+    return key, name, source, label, packed[at + n_name + n_source:]
 
 
-class AssignBatches(beam.PTransform):
-    """rows -> (batch index, (sort key, row)).
+def _row_order(packed: bytes):
+    key, name, source, _, _ = unpack_row(packed)
+    return key, name.rsplit("/", 1)[-1], name, source
 
-    Train (`seed` given): the seeded global shuffle into `batches` files, via the B-1 boundary keys.
-    Val (`seed` None): everything in batch 0, keyed by file name for a stable order.
+
+def bucket_of(key: bytes, buckets: int) -> int:
+    """Buckets partition the key range in order, so bucket order is shuffle order."""
+    return (int.from_bytes(key[:4], "big") * buckets) >> 32
+
+
+class ShuffleIntoBuckets(beam.PTransform):
+    """rows -> (bucket, [packed rows in file order]) plus a singleton {bucket: count}.
+
+    Train (`seed` given): rows keyed by the seeded hash, grouped once into `buckets` key ranges.
+    Val (`seed` None): one bucket, rows keyed by file name for a stable order.
     """
 
-    def __init__(self, batches: int, seed: Optional[int]):
+    def __init__(self, seed: Optional[int], buckets: int):
         super().__init__()
-        self.batches = batches if seed is not None else 1
-        self._seed = seed
+        self._seed, self._buckets = seed, (buckets if seed is not None else 1)
 
     def expand(self, rows):
-        if self._seed is None:
-            return rows | "ValOrder" >> beam.Map(lambda r: (0, (val_sort_key(r.name) + (r.source,), r)))
-        seed = self._seed
-        keyed = rows | "ShuffleKey" >> beam.Map(lambda r: (shuffle_key(seed, r.name, r.source), r))
-        bounds = keyed | "Keys" >> beam.Keys() | "Boundaries" >> beam.CombineGlobally(_BoundariesFn(self.batches))
-        return keyed | "AssignBatch" >> beam.Map(_assign, beam.pvalue.AsSingleton(bounds))
+        seed, buckets = self._seed, self._buckets
+        if seed is None:
+            bucketed = rows | "ValKey" >> beam.Map(
+                lambda r: (0, pack_row(_name_key(r.name), r))).with_output_types(Tuple[int, bytes])
+        else:
+            bucketed = rows | "ShuffleKey" >> beam.Map(_bucketed, seed, buckets).with_output_types(Tuple[int, bytes])
+        counts = (bucketed | "BucketOf" >> beam.Keys()
+                  | "CountPerBucket" >> beam.combiners.Count.PerElement()
+                  | "CountsDict" >> beam.combiners.ToDict())
+        grouped = (bucketed
+                   | "GroupBucket" >> beam.GroupByKey()
+                   | "SortBucket" >> beam.MapTuple(lambda b, items: (b, sorted(items, key=_row_order))))
+        return grouped, counts
 
 
-class GroupBatches(beam.PTransform):
-    """(batch index, (key, row)) -> (batch index, rows in file order); indexes 0..B-1 all appear."""
+def _bucketed(row: Row, seed: int, buckets: int) -> Tuple[int, bytes]:
+    key = shuffle_key(seed, row.name)
+    return bucket_of(key, buckets), pack_row(key, row)
 
-    def __init__(self, batches: int):
-        super().__init__()
-        self._batches = batches
 
-    def expand(self, assigned):
-        empties = assigned.pipeline | "AllBatches" >> beam.Create([(b, None) for b in range(self._batches)])
-        return (
-            (assigned, empties)
-            | "WithEmpties" >> beam.Flatten()
-            | "GroupBatch" >> beam.GroupByKey()
-            | "FileOrder" >> beam.MapTuple(
-                lambda index, items: (index, [row for _, row in sorted(i for i in items if i is not None)]))
-        )
+def _name_key(name: str) -> bytes:
+    """Val order (file name, then path) squeezed into the 16-byte key slot; ties fall to name/source."""
+    base = name.rsplit("/", 1)[-1].encode("utf-8")
+    return base[:KEY_BYTES].ljust(KEY_BYTES, b"\0")
+
+
+def split_bucket(bucket: int, packed_rows: List[bytes], counts: Dict[int, int],
+                 batches: int) -> List[Tuple[int, List[bytes]]]:
+    """A sorted bucket -> [(batch, rows)]: global ranks follow from the counts of earlier buckets."""
+    n = sum(counts.values())
+    offset = sum(c for b, c in counts.items() if b < bucket)
+    pieces: Dict[int, List[bytes]] = {}
+    for i, packed in enumerate(packed_rows):
+        pieces.setdefault(batch_of_rank(offset + i, n, batches), []).append(packed)
+    return sorted(pieces.items())
 
 
 def batch_dict(data: np.ndarray, labels, mean: Optional[np.ndarray]) -> Dict[str, object]:
@@ -126,9 +127,10 @@ def batch_dict(data: np.ndarray, labels, mean: Optional[np.ndarray]) -> Dict[str
     return out
 
 
-def rows_to_arrays(rows: List[Row], row_size: int) -> Tuple[np.ndarray, List[int]]:
-    data = np.frombuffer(b"".join(r.pixels for r in rows), dtype=np.uint8).reshape(len(rows), row_size)
-    return data, [r.label for r in rows]
+def rows_to_arrays(packed_rows: List[bytes], row_size: int) -> Tuple[np.ndarray, List[int]]:
+    unpacked = [unpack_row(p) for p in packed_rows]
+    data = np.frombuffer(b"".join(u[4] for u in unpacked), dtype=np.uint8).reshape(len(unpacked), row_size)
+    return data, [u[3] for u in unpacked]
 
 
 def write_pickle(f, batch: Dict[str, object]) -> None:
@@ -164,45 +166,67 @@ def write_batch(path: str, fmt: str, batch: Dict[str, object]) -> None:
 
 
 class WriteBatches(beam.PTransform):
-    """(index, rows) -> batch files in `output`; emits {"file", "rows"} per file written.
+    """(bucket, sorted packed rows) -> files; emits {"file", "rows", "batch"} per file written.
 
-    Train rows written with fmt "npz" and no mean are the staging files of the two-phase train job.
+    Val (one bucket): the final `val_data` file in `fmt`. Train: the bucket is cut at the batch
+    boundaries (global ranks from `counts`, a singleton {bucket: rows}) and each piece is written to
+    `output` as `piece-BBBBB-KKKKK.npz` (batch, bucket); FinalizeBatches joins the pieces of a batch in
+    bucket order, which is the shuffle order.
     """
 
-    def __init__(self, output: str, fmt: str, size: int, train: bool):
+    def __init__(self, output: str, fmt: str, size: int, train: bool, batches: int = 1, counts=None):
         super().__init__()
         if fmt not in WRITERS:
             raise ValueError(f"unknown format {fmt!r}; choose from {sorted(WRITERS)}")
         self._output, self._fmt, self._row_size, self._train = output, fmt, 3 * size * size, train
+        self._batches, self._counts = batches, counts
 
-    def expand(self, batches):
-        output, fmt, row_size, train = self._output, self._fmt, self._row_size, self._train
+    def expand(self, buckets):
+        output, fmt, row_size, batches = self._output, self._fmt, self._row_size, self._batches
 
-        def write(element):
-            index, rows = element
-            name = batch_file_name(index, train, fmt)
+        def write_val(element):
+            _, rows = element
+            name = batch_file_name(0, False, fmt)
             write_batch(join(output, name), fmt, batch_dict(*rows_to_arrays(rows, row_size), None))
-            return {"file": name, "rows": len(rows)}
+            return [{"file": name, "rows": len(rows), "batch": 0}]
 
-        return batches | "WriteFile" >> beam.Map(write)
+        def write_pieces(element, counts):
+            bucket, rows = element
+            out = []
+            for batch, piece in split_bucket(bucket, rows, counts, batches):
+                name = f"piece-{batch:05d}-{bucket:05d}.npz"
+                write_batch(join(output, name), "npz", batch_dict(*rows_to_arrays(piece, row_size), None))
+                out.append({"file": name, "rows": len(piece), "batch": batch})
+            return out
+
+        if not self._train:
+            return buckets | "WriteFile" >> beam.FlatMap(write_val)
+        return buckets | "WritePieces" >> beam.FlatMap(write_pieces, beam.pvalue.AsSingleton(self._counts))
 
 
 class FinalizeBatches(beam.PTransform):
-    """Staged npz batch paths -> the final files in `fmt` with the mean added; emits {"file", "rows"}."""
+    """(batch, [staged piece paths in order]) -> the final batch files in `fmt` with the mean added.
+
+    Every batch index must be present (empty ones with no pieces); emits {"file", "rows"}.
+    """
 
     def __init__(self, output: str, fmt: str, mean: beam.PCollection):
         super().__init__()
         self._output, self._fmt, self._mean = output, fmt, mean
 
-    def expand(self, staged_paths):
+    def expand(self, batch_pieces):
         output, fmt = self._output, self._fmt
 
-        def finalize(path: str, mean: np.ndarray) -> dict:
+        def finalize(element, mean: np.ndarray) -> dict:
             from imagebeam.transforms.stats import read_staged
 
-            staged = read_staged(path)
-            name = path.rsplit("/", 1)[-1][: -len(".npz")] + WRITERS[fmt][1]
-            write_batch(join(output, name), fmt, batch_dict(staged["data"], staged["labels"], mean))
-            return {"file": name, "rows": int(len(staged["labels"]))}
+            batch, paths = element
+            staged = [read_staged(p) for p in paths]
+            data = (np.concatenate([s["data"] for s in staged]) if staged
+                    else np.zeros((0, mean.shape[0]), np.uint8))
+            labels = [int(v) for s in staged for v in s["labels"]]
+            name = batch_file_name(batch, True, fmt)
+            write_batch(join(output, name), fmt, batch_dict(data, labels, mean))
+            return {"file": name, "rows": len(labels)}
 
-        return staged_paths | "WriteFinal" >> beam.Map(finalize, beam.pvalue.AsSingleton(self._mean))
+        return batch_pieces | "WriteFinal" >> beam.Map(finalize, beam.pvalue.AsSingleton(self._mean))

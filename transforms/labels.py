@@ -154,8 +154,3 @@ def class_of(relative_name: str) -> Optional[str]:
     """The class of an image by its path inside a source: the first folder (ImageFolder convention)."""
     parts = [p for p in relative_name.split("/") if p not in ("", ".", "..")]
     return parts[0] if len(parts) >= 2 else None
-
-
-def val_sort_key(name: str) -> Tuple[str, str]:
-    """Validation rows keep a stable order: by file name, then by full path."""
-    return (name.rsplit("/", 1)[-1], name)

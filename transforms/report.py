@@ -42,18 +42,15 @@ class WriteFailures(beam.PTransform):
 
 
 def versions() -> Dict[str, str]:
-    import numpy
-    import PIL
+    """Versions of what shaped the output, read from package metadata (importing TF costs seconds)."""
+    from importlib import metadata
 
-    import imagebeam
-
-    out = {"imagebeam": imagebeam.__version__, "apache_beam": beam.__version__, "numpy": numpy.__version__,
-           "pillow": PIL.__version__, "python": platform.python_version()}
-    try:
-        import tensorflow_transform
-        out["tensorflow_transform"] = tensorflow_transform.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    out = {"python": platform.python_version()}
+    for dist in ("imagebeam", "apache-beam", "numpy", "pillow", "tensorflow", "tensorflow-transform"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            pass
     return out
 
 
