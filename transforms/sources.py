@@ -273,7 +273,9 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> I
     count = 0
     try:
         with FileSystems.open(unit.source) as raw:
-            stream = _Window(raw, unit.offset, unit.size) if unit.kind == "member_tar" else raw
+            window = _Window(raw, unit.offset, unit.size) if unit.kind == "member_tar" else None
+            # tarfile reads 512-byte headers and seeks between members: buffer big reads underneath.
+            stream = io.BufferedReader(window, buffer_size=4 << 20) if window is not None else raw
             with tarfile.open(fileobj=stream, mode="r:*") as tar:
                 for info in tar:
                     name = normalise_member(info.name)
@@ -293,7 +295,7 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> I
                     yield ImageBlob(unit.source, member, rel, class_key or class_of(rel), data)
                 tar.fileobj.seek(tar.offset)
                 ended_cleanly = _is_end_marker(tar.fileobj)
-            if not ended_cleanly or getattr(stream, "short", False):
+            if not ended_cleanly or (window is not None and window.short):
                 yield Failure(unit.source, where, f"unreadable tar after {count} members: truncated, or "
                                                   "garbage where the next member header should be")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
