@@ -146,9 +146,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args, pipeline_options = job_options.parse(make_parser(), argv)
     check_args(args)
     fileutil.ensure_dir(args.output)
+    staging = fileutil.join(args.output, STAGING)
+    if FileSystems.exists(staging):  # left by an interrupted run: start its phase 1 afresh
+        FileSystems.delete([staging])
     job_options.run_pipeline(build, pipeline_options, args)
     if args.split == "train":
-        staged = read_json(fileutil.join(args.output, STAGING, "metadata.json"))
+        staged = read_json(fileutil.join(staging, "metadata.json"))
         # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.
         job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
                                  isolate=True)

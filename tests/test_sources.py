@@ -87,3 +87,35 @@ def test_folder_and_gz_stream(image_folder, tmp_path, good_jpeg):
     blobs, failures = read_all(gz)
     assert [(b.name, b.class_key) for b in blobs] == [("a/1.jpg", "a")] and not failures
     assert os.path.exists(gz)
+
+
+def test_member_tar_with_long_names_and_links_hands_over_to_tarfile(tmp_path, good_jpeg):
+    long_name = "n00000002_" + "x" * 120 + ".JPEG"  # needs a pax header: the plain reader stops there
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        sample_lib.add_bytes(tar, "n00000002_1.JPEG", good_jpeg)
+        sample_lib.add_bytes(tar, long_name, good_jpeg[::-1])
+        link = tarfile.TarInfo("n00000002_link.JPEG")
+        link.type, link.linkname = tarfile.SYMTYPE, "n00000002_1.JPEG"
+        tar.addfile(link)
+        sample_lib.add_bytes(tar, "n00000002_3.JPEG", good_jpeg[:100])
+    outer = sample_lib.write_tar(str(tmp_path / "train.tar"), [("n00000002.tar", inner.getvalue())])
+    blobs, failures = read_all(outer)
+    got = {b.name: b.data for b in blobs}
+    assert got == {"n00000002/n00000002_1.JPEG": good_jpeg, f"n00000002/{long_name}": good_jpeg[::-1],
+                   "n00000002/n00000002_3.JPEG": good_jpeg[:100]}
+    assert {b.class_key for b in blobs} == {"n00000002"}
+    assert [(f.member, "symbolic link" in f.reason) for f in failures] == [
+        ("n00000002.tar/n00000002_link.JPEG", True)]
+
+
+def test_plain_reader_matches_tarfile_on_the_sample(ilsvrc):
+    """Every member tar of the sample read by the plain reader equals what tarfile extracts."""
+    with tarfile.open(ilsvrc.train_tar) as outer:
+        expected = {}
+        for member in outer:
+            with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+                for m in inner:
+                    expected[f"{member.name[:-4]}/{m.name}"] = inner.extractfile(m).read()
+    blobs, failures = read_all(ilsvrc.train_tar)
+    assert not failures and {b.name: b.data for b in blobs} == expected

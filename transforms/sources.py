@@ -224,6 +224,54 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+class _PlainTar:
+    """Plain ustar members of an uncompressed tar stream, without tarfile's per-member overhead.
+
+    Reads regular files and skips directories; at any other header (pax or GNU long names, links,
+    base-256 sizes, a bad checksum) it stops and records where, so tarfile takes over from there.
+    """
+
+    def __init__(self, stream):
+        self._stream, self.position = stream, 0
+        self.stopped_at: Optional[int] = None  # offset of a header left to tarfile
+        self.clean_end = False
+
+    def __iter__(self) -> Iterator[Tuple[str, bytes]]:
+        while True:
+            header = self._stream.read(512)
+            if len(header) < 512:
+                if not header.strip(b"\0"):
+                    self.clean_end = True  # end of data after a member: tolerated, as tarfile does
+                    return
+                raise tarfile.ReadError("unexpected end of data")
+            if not header.strip(b"\0"):
+                self.clean_end = _is_end_marker(self._stream)
+                return
+            kind = header[156:157]
+            if kind not in (b"0", b"\0", b"5") or header[124] & 0x80 or not _checksum_ok(header):
+                self.stopped_at = self.position
+                return
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar" and header[345] != 0:
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            padded = (size + 511) // 512 * 512
+            data = self._stream.read(padded)
+            if len(data) < size:
+                raise tarfile.ReadError(f"truncated member {name.decode('utf-8', 'replace')!r}")
+            self.position += 512 + padded
+            if kind != b"5":
+                yield name.decode("utf-8", "surrogateescape"), data[:size]
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 256 + sum(header[156:])
+
+
 def read_unit(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
     """The images of one work unit; broken pieces become failures, the rest is still read."""
     if unit.kind == "file":
@@ -237,7 +285,7 @@ def read_unit(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
     elif unit.kind == "members":
         yield from _read_members(unit)
     elif unit.kind == "member_tar":
-        yield from _read_tar_stream(unit, prefix=unit.name[: -len(".tar")], class_key=_stem(unit.name))
+        yield from _read_member_tar(unit)
     elif unit.kind == "stream_tar":
         yield from _read_tar_stream(unit, prefix="", class_key=None)
     else:
@@ -263,14 +311,38 @@ def _read_members(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
             yield ImageBlob(unit.source, name, name, class_of(name), data)
 
 
-def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str]) -> Iterator[Union[ImageBlob, Failure]]:
+def _read_member_tar(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
+    """A member tar of a nested tar (ILSVRC2012_img_train.tar): the plain reader, tarfile if needed."""
+    prefix, class_key = unit.name[: -len(".tar")], _stem(unit.name)
+    count = 0
+    try:
+        with FileSystems.open(unit.source) as raw:
+            window = _Window(raw, unit.offset, unit.size)
+            plain = _PlainTar(io.BufferedReader(window, buffer_size=4 << 20))
+            for name, data in plain:
+                count += 1
+                yield ImageBlob(unit.source, f"{unit.name}/{normalise_member(name)}",
+                                f"{prefix}/{posixpath.basename(normalise_member(name))}", class_key, data)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        yield Failure(unit.source, unit.name, f"unreadable tar after {count} members: {exc}")
+        return
+    if plain.stopped_at is not None:
+        rest = unit._replace(offset=unit.offset + plain.stopped_at, size=unit.size - plain.stopped_at)
+        yield from _read_tar_stream(rest, prefix=prefix, class_key=class_key, counted=count)
+    elif not plain.clean_end or window.short:
+        yield Failure(unit.source, unit.name, f"unreadable tar after {count} members: truncated, or "
+                                              "garbage where the next member header should be")
+
+
+def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str],
+                     counted: int = 0) -> Iterator[Union[ImageBlob, Failure]]:
     """Read a tar (a member tar by offset, or a compressed shard) member by member, in order.
 
     Random-access mode, not stream mode: tarfile's stream mode silently ends at a truncated or garbled
     header, while here the bytes after the last member are checked to be the archive's end marker.
     """
     where = unit.name or None
-    count = 0
+    count = counted
     try:
         with FileSystems.open(unit.source) as raw:
             window = _Window(raw, unit.offset, unit.size) if unit.kind == "member_tar" else None
