@@ -59,7 +59,7 @@ class CountsDontAddUp(RuntimeError):
 
 
 class WriteMetadata(beam.PTransform):
-    """Writes DIR/metadata.json once every file is written, then removes the temporary folders in `cleanup_paths`.
+    """Writes DIR/metadata.json once every file is written (see `write_metadata`).
 
     `counts`: name -> singleton PCollection of an int. `files`: PCollection of {"file", "rows"} dicts.
     `extra`: static facts (size, algorithm, seed, label order, ...). `extra_side`: name -> singleton
@@ -67,12 +67,10 @@ class WriteMetadata(beam.PTransform):
     """
 
     def __init__(self, output: str, counts: Dict[str, beam.PCollection], files: beam.PCollection,
-                 extra: dict, extra_side: Dict[str, beam.PCollection] | None = None,
-                 cleanup_paths: tuple = ()):
+                 extra: dict, extra_side: Dict[str, beam.PCollection] | None = None):
         super().__init__()
         self._output, self._counts, self._files = output, counts, files
         self._extra, self._extra_side = extra, dict(extra_side or {})
-        self._cleanup = tuple(cleanup_paths)
 
     def expand(self, pbegin):
         count_names = sorted(self._counts)
@@ -82,16 +80,15 @@ class WriteMetadata(beam.PTransform):
         sides["files"] = beam.pvalue.AsList(self._files)
         return (pbegin
                 | "Once" >> beam.Create([None])
-                | "WriteMetadataJson" >> beam.Map(_metadata_writer(self._output, self._extra, self._cleanup),
-                                                  **sides))
+                | "WriteMetadataJson" >> beam.Map(_metadata_writer(self._output, self._extra), **sides))
 
 
-def _metadata_writer(output: str, extra: dict, cleanup: tuple) -> Callable:
+def _metadata_writer(output: str, extra: dict) -> Callable:
     def write(_, files, **sides) -> dict:
         counts = {k[len("count_"):]: int(v) for k, v in sides.items() if k.startswith("count_")}
         meta = dict(extra)
         meta.update({k[len("side_"):]: v for k, v in sides.items() if k.startswith("side_")})
-        return write_metadata(output, meta, counts, files, cleanup)
+        return write_metadata(output, meta, counts, files)
     return write
 
 
