@@ -12,6 +12,7 @@ from typing import List, Sequence
 
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import downsample
+from imagebeam.transforms.report import natural_key
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("outputs:")
     for out in outputs:
         print(f"  {out}")
-        for name in sorted(os.listdir(out)):
+        for name in sorted(os.listdir(out), key=natural_key):
             print(f"    {name}")
     return 0

@@ -96,7 +96,7 @@ def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[
                    cleanup: tuple = ()) -> dict:
     """Check the counts, remove temporaries, then write `output/metadata.json` (the job's last file)."""
     meta = dict(meta)
-    files = sorted(files, key=lambda f: _natural_key(f["file"]))
+    files = sorted(files, key=lambda f: natural_key(f["file"]))
     counts = dict(counts, written=sum(f["rows"] for f in files))
     meta.update(counts=counts, files=files, versions=versions())
     if counts.get("read") != counts["written"] + counts.get("failed", 0):
@@ -107,7 +107,8 @@ def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[
     return meta
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
+    """Sort key putting train_data_batch_2 before train_data_batch_10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
