@@ -80,3 +80,9 @@ def test_pickle_holds_spec_types():
     assert set(loaded) == {"data", "labels"}
     assert isinstance(loaded["labels"], list) and all(type(v) is int for v in loaded["labels"])
     assert loaded["data"].dtype == np.uint8
+
+
+def test_chunks_round_trip_rows():
+    rows = _rows(5)
+    assert batches.split_chunk(batches.join_chunk(rows)) == rows
+    assert batches.split_chunk(b"") == []

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from imagebeam.transforms.fileutil import join, write_with
 from imagebeam.transforms.rows import Row
@@ -73,27 +75,70 @@ class ShuffleIntoBuckets(beam.PTransform):
     """rows -> (bucket, [packed rows in file order]) plus a singleton {bucket: count}.
 
     Train (`seed` given): rows keyed by the seeded hash, grouped once into `buckets` key ranges.
-    Val (`seed` None): one bucket, rows keyed by file name for a stable order.
+    Val (`seed` None): one bucket, rows keyed by file name for a stable order. Rows cross the shuffle
+    in chunks (many packed rows of one bucket per element), so the runner's work per image is tiny.
     """
 
-    def __init__(self, seed: Optional[int], buckets: int):
+    def __init__(self, seed: Optional[int], buckets: int, chunk_bytes: int = 256 << 10):
         super().__init__()
         self._seed, self._buckets = seed, (buckets if seed is not None else 1)
+        self._chunk_bytes = chunk_bytes
 
     def expand(self, rows):
-        seed, buckets = self._seed, self._buckets
-        if seed is None:
-            bucketed = rows | "ValKey" >> beam.Map(
-                lambda r: (0, pack_row(_name_key(r.name), r))).with_output_types(Tuple[int, bytes])
-        else:
-            bucketed = rows | "ShuffleKey" >> beam.Map(_bucketed, seed, buckets).with_output_types(Tuple[int, bytes])
-        counts = (bucketed | "BucketOf" >> beam.Keys()
-                  | "CountPerBucket" >> beam.combiners.Count.PerElement()
+        chunks = rows | "PackIntoChunks" >> beam.ParDo(
+            _ChunkRowsFn(self._seed, self._buckets, self._chunk_bytes)).with_output_types(Tuple[int, bytes])
+        counts = (chunks
+                  | "RowsPerChunk" >> beam.MapTuple(lambda bucket, chunk: (bucket, len(split_chunk(chunk))))
+                  | "RowsPerBucket" >> beam.CombinePerKey(sum)
                   | "CountsDict" >> beam.combiners.ToDict())
-        grouped = (bucketed
+        grouped = (chunks
                    | "GroupBucket" >> beam.GroupByKey()
-                   | "SortBucket" >> beam.MapTuple(lambda b, items: (b, sorted(items, key=_row_order))))
+                   | "SortBucket" >> beam.MapTuple(
+                       lambda b, cs: (b, sorted((r for c in cs for r in split_chunk(c)), key=_row_order))))
         return grouped, counts
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def join_chunk(packed_rows: List[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(p)) + p for p in packed_rows)
+
+
+def split_chunk(chunk: bytes) -> List[bytes]:
+    out, at = [], 0
+    while at < len(chunk):
+        (n,) = _LENGTH.unpack_from(chunk, at)
+        out.append(chunk[at + 4:at + 4 + n])
+        at += 4 + n
+    return out
+
+
+class _ChunkRowsFn(beam.DoFn):
+    """Rows -> (bucket, chunk of packed rows), flushed at `chunk_bytes` and at the end of a bundle."""
+
+    def __init__(self, seed: Optional[int], buckets: int, chunk_bytes: int):
+        self._seed, self._buckets, self._chunk_bytes = seed, buckets, chunk_bytes
+
+    def start_bundle(self):
+        self._pending: Dict[int, List[bytes]] = {}
+        self._sizes: Dict[int, int] = {}
+
+    def process(self, row: Row):
+        if self._seed is None:
+            bucket, packed = 0, pack_row(_name_key(row.name), row)
+        else:
+            bucket, packed = _bucketed(row, self._seed, self._buckets)
+        self._pending.setdefault(bucket, []).append(packed)
+        self._sizes[bucket] = self._sizes.get(bucket, 0) + len(packed)
+        if self._sizes[bucket] >= self._chunk_bytes:
+            self._sizes[bucket] = 0
+            yield bucket, join_chunk(self._pending.pop(bucket))
+
+    def finish_bundle(self):
+        for bucket, rows in sorted(self._pending.items()):
+            yield WindowedValue((bucket, join_chunk(rows)), GlobalWindow().max_timestamp(), [GlobalWindow()])
+        self._pending, self._sizes = {}, {}
 
 
 def _bucketed(row: Row, seed: int, buckets: int) -> Tuple[int, bytes]:

@@ -49,7 +49,7 @@ def mean_from_transform_fn(transform_output_dir: str, row_size: int) -> np.ndarr
     return -255.0 * normalised
 
 
-def staged_record_batches(path: str, row_size: int, batch_rows: int = 1024) -> Iterator["pa.RecordBatch"]:
+def staged_record_batches(path: str, row_size: int, batch_rows: int = 1024) -> Iterator[object]:
     """A staged batch file -> Arrow record batches of int64 pixels, TFT's native input."""
     import pyarrow as pa
 
