@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
-from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches
+from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, pieces_per_batch
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.report import WriteFailures, WriteMetadata, write_metadata
@@ -106,13 +106,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
 def build_mean(p: beam.Pipeline, args: argparse.Namespace, staged: dict) -> None:
     """Phase 2 (train): TFT mean over the staged rows, transform_fn, final files, metadata.json."""
     staging = fileutil.join(args.output, STAGING)
-    pieces = {b: [] for b in range(args.batches)}
-    for f in sorted(staged["files"], key=lambda f: f["file"]):  # piece-BATCH-BUCKET: bucket order
-        pieces[f["batch"]].append(fileutil.join(staging, f["file"]))
-    staged_paths = p | "StagedFiles" >> beam.Create([path for b in sorted(pieces) for path in pieces[b]])
+    pieces = pieces_per_batch((f["file"] for f in staged["files"]), staging, args.batches)
+    staged_paths = p | "StagedFiles" >> beam.Create([path for _, paths in pieces for path in paths])
     analyze = AnalyzeMean(args.output, args.size)
     mean = staged_paths | "AnalyzeMean" >> analyze
-    files = (p | "PiecesPerBatch" >> beam.Create(sorted(pieces.items()))
+    files = (p | "PiecesPerBatch" >> beam.Create(pieces)
              | "FinalizeBatches" >> FinalizeBatches(args.output, args.format, mean))
     base = {k: v for k, v in staged.items() if k not in ("counts", "files", "versions")}
     counts = {k: v for k, v in staged["counts"].items() if k != "written"}

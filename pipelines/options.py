@@ -34,6 +34,12 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
+def is_local_runner(runner: str | None) -> bool:
+    """Beam's Python FnApiRunner, however named: ours, a short name, or a DirectRunner (None = default)."""
+    name = (runner or "").lower()
+    return name in ("", LOCAL_RUNNER.lower()) or name in SHORT_RUNNERS or "direct" in name
+
+
 def beam_args_with_defaults(beam_args: Sequence[str]) -> List[str]:
     """Fill in the local defaults (FnApiRunner, multi-process, all cores) unless given."""
     args = list(beam_args)
@@ -43,7 +49,7 @@ def beam_args_with_defaults(beam_args: Sequence[str]) -> List[str]:
     elif runner.lower() in SHORT_RUNNERS:
         args = [a for a in args if not (a == "--runner" or a.startswith("--runner="))]
         args = [a for a in args if a != runner] + ["--runner", SHORT_RUNNERS[runner.lower()]]
-    if (runner is None or runner.lower() in SHORT_RUNNERS or "direct" in runner.lower()):
+    if is_local_runner(runner):
         if not _has_flag(args, "--direct_running_mode"):
             args += ["--direct_running_mode", "multi_processing"]
         if not _has_flag(args, "--direct_num_workers"):
@@ -65,8 +71,7 @@ def in_process(pipeline_options: PipelineOptions) -> PipelineOptions:
     """
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    runner = pipeline_options.view_as(StandardOptions).runner or ""
-    if runner != LOCAL_RUNNER and "direct" not in runner.lower():
+    if not is_local_runner(pipeline_options.view_as(StandardOptions).runner):
         return pipeline_options
     opts = PipelineOptions.from_dictionary(pipeline_options.get_all_options(drop_default=True))
     opts.view_as(DirectOptions).direct_running_mode = "in_memory"
@@ -77,10 +82,9 @@ def in_process(pipeline_options: PipelineOptions) -> PipelineOptions:
 def _uses_local_grpc(pipeline_options: PipelineOptions) -> bool:
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    runner = (pipeline_options.view_as(StandardOptions).runner or "").lower()
     mode = pipeline_options.view_as(DirectOptions).direct_running_mode
-    local = runner == LOCAL_RUNNER.lower() or "direct" in runner or runner in SHORT_RUNNERS
-    return local and mode in ("multi_processing", "multi_threading")
+    return (is_local_runner(pipeline_options.view_as(StandardOptions).runner)
+            and mode in ("multi_processing", "multi_threading"))
 
 
 def run_pipeline(build: Callable[..., None], pipeline_options: PipelineOptions, *build_args,
@@ -102,9 +106,9 @@ def run_pipeline(build: Callable[..., None], pipeline_options: PipelineOptions, 
         build(p, *build_args)
 
 
-def _child_main(build, flags: List[str], build_args: tuple, errors) -> None:
+def _child_main(build, options: dict, build_args: tuple, errors) -> None:
     try:
-        run_pipeline(build, PipelineOptions(flags), *build_args)
+        run_pipeline(build, PipelineOptions.from_dictionary(options), *build_args)
     except BaseException:  # reported to the parent, which raises
         errors.put(traceback.format_exc())
         raise SystemExit(1)
@@ -113,25 +117,11 @@ def _child_main(build, flags: List[str], build_args: tuple, errors) -> None:
 def _run_in_child(build, pipeline_options: PipelineOptions, build_args: tuple) -> None:
     ctx = multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
-    flags = pipeline_options.get_all_options(drop_default=True, retain_unknown_options=True)
-    child = ctx.Process(target=_child_main, args=(build, _to_flags(flags), build_args, errors))
+    options = pipeline_options.get_all_options(drop_default=True, retain_unknown_options=True)
+    child = ctx.Process(target=_child_main, args=(build, options, build_args, errors))
     child.start()
     child.join()
     if child.exitcode != 0:
         detail = errors.get() if not errors.empty() else f"exit code {child.exitcode}"
         raise RuntimeError(f"pipeline {getattr(build, '__name__', build)} failed:\n{detail}")
 
-
-def _to_flags(options: dict) -> List[str]:
-    flags = []
-    for key, value in options.items():
-        if value is None or value is False:
-            continue
-        if value is True:
-            flags.append(f"--{key}")
-        elif isinstance(value, list):
-            for item in value:
-                flags += [f"--{key}", str(item)]
-        else:
-            flags += [f"--{key}", str(value)]
-    return flags

@@ -85,4 +85,5 @@ def test_pickle_holds_spec_types():
 def test_chunks_round_trip_rows():
     rows = _rows(5)
     assert batches.split_chunk(batches.join_chunk(rows)) == rows
-    assert batches.split_chunk(b"") == []
+    assert batches.rows_in_chunk(batches.join_chunk(rows)) == 5
+    assert batches.split_chunk(b"") == [] and batches.rows_in_chunk(b"") == 0

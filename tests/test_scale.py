@@ -15,7 +15,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from imagebeam.pipelines import options
-from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, batch_sizes
+from imagebeam.transforms.batches import (FinalizeBatches, ShuffleIntoBuckets, WriteBatches, batch_sizes,
+                                          pieces_per_batch)
 from imagebeam.transforms.rows import Row
 from imagebeam.transforms.stats import AnalyzeMean, MeanMismatch, checked_mean
 from spec_loader import load_npz
@@ -47,9 +48,8 @@ def build_rows_to_staging(p, staging: str) -> None:
 
 
 def build_mean_phase(p, staging: str, final: str) -> None:
-    names = sorted(os.listdir(staging))
-    pieces = [(b, [os.path.join(staging, n) for n in names if n.startswith(f"piece-{b:05d}-")]) for b in range(10)]
-    staged = p | "Paths" >> beam.Create([os.path.join(staging, n) for n in names])
+    pieces = pieces_per_batch(os.listdir(staging), staging, 10)
+    staged = p | "Paths" >> beam.Create([path for _, paths in pieces for path in paths])
     mean = staged | AnalyzeMean(final, SIZE)
     _ = p | "Pieces" >> beam.Create(pieces) | FinalizeBatches(final, "npz", mean)
 

@@ -10,13 +10,15 @@ is cut into per-batch pieces without a second shuffle.
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import struct
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -88,7 +90,7 @@ class ShuffleIntoBuckets(beam.PTransform):
         chunks = rows | "PackIntoChunks" >> beam.ParDo(
             _ChunkRowsFn(self._seed, self._buckets, self._chunk_bytes)).with_output_types(Tuple[int, bytes])
         counts = (chunks
-                  | "RowsPerChunk" >> beam.MapTuple(lambda bucket, chunk: (bucket, len(split_chunk(chunk))))
+                  | "RowsPerChunk" >> beam.MapTuple(lambda bucket, chunk: (bucket, rows_in_chunk(chunk)))
                   | "RowsPerBucket" >> beam.CombinePerKey(sum)
                   | "CountsDict" >> beam.combiners.ToDict())
         grouped = (chunks
@@ -105,13 +107,21 @@ def join_chunk(packed_rows: List[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(p)) + p for p in packed_rows)
 
 
-def split_chunk(chunk: bytes) -> List[bytes]:
-    out, at = [], 0
+def _chunk_spans(chunk: bytes) -> Iterator[Tuple[int, int]]:
+    at = 0
     while at < len(chunk):
         (n,) = _LENGTH.unpack_from(chunk, at)
-        out.append(chunk[at + 4:at + 4 + n])
+        yield at + 4, at + 4 + n
         at += 4 + n
-    return out
+
+
+def split_chunk(chunk: bytes) -> List[bytes]:
+    return [chunk[start:end] for start, end in _chunk_spans(chunk)]
+
+
+def rows_in_chunk(chunk: bytes) -> int:
+    """How many rows a chunk holds, without copying them out."""
+    return sum(1 for _ in _chunk_spans(chunk))
 
 
 class _ChunkRowsFn(beam.DoFn):
@@ -239,7 +249,7 @@ class WriteBatches(beam.PTransform):
             bucket, rows = element
             out = []
             for batch, piece in split_bucket(bucket, rows, counts, batches):
-                name = f"piece-{batch:05d}-{bucket:05d}.npz"
+                name = piece_name(batch, bucket)
                 write_batch(join(output, name), "npz", batch_dict(*rows_to_arrays(piece, row_size), None))
                 out.append({"file": name, "rows": len(piece), "batch": batch})
             return out
@@ -247,6 +257,24 @@ class WriteBatches(beam.PTransform):
         if not self._train:
             return buckets | "WriteFile" >> beam.FlatMap(write_val)
         return buckets | "WritePieces" >> beam.FlatMap(write_pieces, beam.pvalue.AsSingleton(self._counts))
+
+
+def piece_name(batch: int, bucket: int) -> str:
+    return f"piece-{batch:05d}-{bucket:05d}.npz"
+
+
+def pieces_per_batch(names: Iterable[str], directory: str, batches: int) -> List[Tuple[int, List[str]]]:
+    """Staged piece names -> [(batch, [paths in bucket order])] for every batch, empty ones included."""
+    pieces: Dict[int, List[str]] = {b: [] for b in range(batches)}
+    for name in sorted(n for n in names if n.startswith("piece-")):  # zero-padded: bucket order
+        pieces[int(name.split("-")[1])].append(join(directory, name))
+    return sorted(pieces.items())
+
+
+def read_staged(path: str) -> Dict[str, np.ndarray]:
+    """A staged piece (npz written by WriteBatches) as plain arrays."""
+    with FileSystems.open(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 class FinalizeBatches(beam.PTransform):
@@ -263,8 +291,6 @@ class FinalizeBatches(beam.PTransform):
         output, fmt = self._output, self._fmt
 
         def finalize(element, mean: np.ndarray) -> dict:
-            from imagebeam.transforms.stats import read_staged
-
             batch, paths = element
             staged = [read_staged(p) for p in paths]
             data = (np.concatenate([s["data"] for s in staged]) if staged

@@ -264,6 +264,17 @@ class _PlainTar:
                 yield name.decode("utf-8", "surrogateescape"), data[:size]
 
 
+def _buffered_window(raw, unit: WorkUnit) -> Tuple["_Window", io.BufferedReader]:
+    """A member tar's bytes, buffered: tar readers read 512-byte headers and seek between members."""
+    window = _Window(raw, unit.offset, unit.size)
+    return window, io.BufferedReader(window, buffer_size=4 << 20)
+
+
+def _truncated(unit: WorkUnit, where: Optional[str], count: int) -> Failure:
+    return Failure(unit.source, where, f"unreadable tar after {count} members: truncated, or garbage where "
+                                       "the next member header should be")
+
+
 def _checksum_ok(header: bytes) -> bool:
     try:
         stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
@@ -317,12 +328,13 @@ def _read_member_tar(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
     count = 0
     try:
         with FileSystems.open(unit.source) as raw:
-            window = _Window(raw, unit.offset, unit.size)
-            plain = _PlainTar(io.BufferedReader(window, buffer_size=4 << 20))
+            window, stream = _buffered_window(raw, unit)
+            plain = _PlainTar(stream)
             for name, data in plain:
                 count += 1
-                yield ImageBlob(unit.source, f"{unit.name}/{normalise_member(name)}",
-                                f"{prefix}/{posixpath.basename(normalise_member(name))}", class_key, data)
+                name = normalise_member(name)
+                yield ImageBlob(unit.source, f"{unit.name}/{name}", f"{prefix}/{posixpath.basename(name)}",
+                                class_key, data)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         yield Failure(unit.source, unit.name, f"unreadable tar after {count} members: {exc}")
         return
@@ -330,8 +342,7 @@ def _read_member_tar(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
         rest = unit._replace(offset=unit.offset + plain.stopped_at, size=unit.size - plain.stopped_at)
         yield from _read_tar_stream(rest, prefix=prefix, class_key=class_key, counted=count)
     elif not plain.clean_end or window.short:
-        yield Failure(unit.source, unit.name, f"unreadable tar after {count} members: truncated, or "
-                                              "garbage where the next member header should be")
+        yield _truncated(unit, unit.name, count)
 
 
 def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str],
@@ -345,9 +356,7 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str],
     count = counted
     try:
         with FileSystems.open(unit.source) as raw:
-            window = _Window(raw, unit.offset, unit.size) if unit.kind == "member_tar" else None
-            # tarfile reads 512-byte headers and seeks between members: buffer big reads underneath.
-            stream = io.BufferedReader(window, buffer_size=4 << 20) if window is not None else raw
+            window, stream = _buffered_window(raw, unit) if unit.kind == "member_tar" else (None, raw)
             with tarfile.open(fileobj=stream, mode="r:*") as tar:
                 for info in tar:
                     name = normalise_member(info.name)
@@ -368,8 +377,7 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str],
                 tar.fileobj.seek(tar.offset)
                 ended_cleanly = _is_end_marker(tar.fileobj)
             if not ended_cleanly or (window is not None and window.short):
-                yield Failure(unit.source, where, f"unreadable tar after {count} members: truncated, or "
-                                                  "garbage where the next member header should be")
+                yield _truncated(unit, where, count)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         yield Failure(unit.source, where, f"unreadable tar after {count} members: {exc}")
 

@@ -4,21 +4,19 @@ The analysis writes `transform_fn/` (a TFT SavedModel) that normalises a row the
 does, `x/255 - mean/255`, so training code can apply it with `tft.TFTransformOutput(DIR)`. The mean put
 into the batch files is read back from that same graph, so files and graph can never disagree.
 
-It runs over the staged batch files of the downsample job's first phase, in a pipeline of its own: with
-Beam 2.77's FnApiRunner in multi-process mode, a pipeline holding both the image rows and TFT's analyzer
-stages was seen to lose rows silently (tests/test_scale.py). Here TFT's input is re-read from files and
-its result is checked against exact sums of the same files.
+It runs over the staged pieces of the downsample job's first phase, in a pipeline of its own: building
+a TFT analysis loads TensorFlow into the launching process, and Beam 2.77's FnApiRunner loses rows when
+its multi-process data plane runs in such a process (see pipelines/options.run_pipeline). The result is
+checked against exact float64 sums of the same rows, taken in the same read.
 """
 from __future__ import annotations
 
-import io
 import uuid
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
-
+from imagebeam.transforms.batches import read_staged
 from imagebeam.transforms.fileutil import join
 
 IMAGE_KEY = "image"
@@ -49,27 +47,26 @@ def mean_from_transform_fn(transform_output_dir: str, row_size: int) -> np.ndarr
     return -255.0 * normalised
 
 
-def staged_record_batches(path: str, row_size: int, batch_rows: int = 1024) -> Iterator[object]:
-    """A staged batch file -> Arrow record batches of int64 pixels, TFT's native input."""
-    import pyarrow as pa
-
-    data = read_staged(path)["data"]
-    for start in range(0, len(data), batch_rows):
-        chunk = data[start:start + batch_rows].astype(np.int64)
-        offsets = pa.array(np.arange(0, (len(chunk) + 1) * row_size, row_size, dtype=np.int32))
-        yield pa.RecordBatch.from_arrays([pa.ListArray.from_arrays(offsets, pa.array(chunk.reshape(-1)))],
-                                         [IMAGE_KEY])
+SUMS = "sums"
 
 
-def read_staged(path: str) -> dict:
-    with FileSystems.open(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+class _ReadStagedFn(beam.DoFn):
+    """A staged piece -> Arrow record batches of int64 pixels (TFT's native input), plus its exact
+    float64 column sums and row count on the `sums` output: one read serves both."""
 
+    def __init__(self, row_size: int, batch_rows: int = 1024):
+        self._row_size, self._batch_rows = row_size, batch_rows
 
-def staged_sum(path: str) -> Tuple[np.ndarray, int]:
-    """Exact float64 column sums and row count of a staged file (the check on TFT's mean)."""
-    data = read_staged(path)["data"]
-    return data.sum(axis=0, dtype=np.float64), len(data)
+    def process(self, path: str):
+        import pyarrow as pa
+
+        data = read_staged(path)["data"]
+        yield beam.pvalue.TaggedOutput(SUMS, (data.sum(axis=0, dtype=np.float64), len(data)))
+        for start in range(0, len(data), self._batch_rows):
+            chunk = data[start:start + self._batch_rows].astype(np.int64)
+            offsets = pa.array(np.arange(0, (len(chunk) + 1) * self._row_size, self._row_size, dtype=np.int32))
+            yield pa.RecordBatch.from_arrays([pa.ListArray.from_arrays(offsets, pa.array(chunk.reshape(-1)))],
+                                             [IMAGE_KEY])
 
 
 class _ExactMeanFn(beam.CombineFn):
@@ -106,7 +103,7 @@ class AnalyzeMean(beam.PTransform):
         super().__init__()
         self._output = output
         self._row_size = 3 * size * size
-        # TFT's scratch space; the job's last step (WriteMetadata) removes it.
+        # TFT's scratch space; the job's last step (write_metadata) removes it.
         self.temp_dir = join(output, f"{TFT_TEMP_PREFIX}{uuid.uuid4().hex}")
 
     def expand(self, staged_paths):
@@ -116,13 +113,14 @@ class AnalyzeMean(beam.PTransform):
         row_size, output = self._row_size, self._output
         adapter_config = tensor_adapter.TensorAdapterConfig(
             arrow_schema=_arrow_schema(), tensor_representations=_tensor_representations(row_size))
-        record_batches = staged_paths | "ToRecordBatches" >> beam.FlatMap(staged_record_batches, row_size)
+        staged = staged_paths | "ReadStaged" >> beam.ParDo(_ReadStagedFn(row_size)).with_outputs(
+            SUMS, main="record_batches")
+        record_batches = staged.record_batches
         with tft_beam.Context(temp_dir=self.temp_dir, force_tf_compat_v1=False):
             transform_fn = ((record_batches, adapter_config)
                             | "AnalyzeMean" >> tft_beam.AnalyzeDataset(make_preprocessing_fn()))
             written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output)
-        exact = (staged_paths | "ExactSums" >> beam.Map(staged_sum)
-                 | "ExactMean" >> beam.CombineGlobally(_ExactMeanFn()))
+        exact = staged[SUMS] | "ExactMean" >> beam.CombineGlobally(_ExactMeanFn())
         # Read the mean back from the published graph, the one users will load.
         return written | "ReadMeanBack" >> beam.Map(
             lambda _, exact_mean: checked_mean(mean_from_transform_fn(output, row_size), exact_mean),
