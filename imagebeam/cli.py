@@ -9,6 +9,9 @@ from typing import List, Optional
 
 JOBS = {
     "downsample": ("imagebeam.pipelines.downsample", "ImageNet tars/folders -> Imagenet8/16/32/64 batches"),
+    "colorize": ("imagebeam.pipelines.colorize",
+                 "images -> koalarization Lab + Inception-ResNet-v2 TFRecords (SPEC §3)"),
+    "resize": ("imagebeam.pipelines.resize", "images -> 299x299 letterboxed image files (koalarization's resize)"),
     "demo": ("imagebeam.pipelines.demo", "build the bundled sample from real photos and run the jobs on it"),
 }
 

@@ -23,7 +23,7 @@ from imagebeam.transforms import fileutil
 from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, pieces_per_batch
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.report import WriteFailures, WriteMetadata, write_metadata
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, write_metadata
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.rows import DecodeToRows, LabelMapFromIndex
 from imagebeam.transforms.sources import IndexInputs, ReadImages
@@ -92,9 +92,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
 
     failures = (read_failures, decode_failures) | "AllFailures" >> beam.Flatten()
     n_failed = failures | "WriteFailures" >> WriteFailures(args.output)
-    n_read = ((blobs | "OnePerImage" >> beam.Map(lambda _: 1),
-               read_failures | "OnePerUnreadable" >> beam.Map(lambda _: 1))
-              | "AllRead" >> beam.Flatten() | "CountRead" >> beam.CombineGlobally(sum))
+    n_read = (blobs, read_failures) | "CountRead" >> CountAll()
 
     label_side = labels if isinstance(labels, beam.PCollection) else p | "StaticLabels" >> beam.Create([labels])
     classes_written = label_side | "WriteClasses" >> beam.Map(write_classes, args.output)

@@ -41,6 +41,14 @@ class WriteFailures(beam.PTransform):
         return failures | "AllFailures" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
 
 
+class CountAll(beam.PTransform):
+    """(pcoll, pcoll, ...) -> singleton: the number of elements in all of them (0 when all are empty)."""
+
+    def expand(self, pcolls):
+        ones = [pc | f"One{i}" >> beam.Map(lambda _: 1) for i, pc in enumerate(pcolls)]
+        return tuple(ones) | "All" >> beam.Flatten() | "Sum" >> beam.CombineGlobally(sum)
+
+
 def versions() -> Dict[str, str]:
     """Versions of what shaped the output, read from package metadata (importing TF costs seconds)."""
     from importlib import metadata
@@ -67,10 +75,11 @@ class WriteMetadata(beam.PTransform):
     """
 
     def __init__(self, output: str, counts: Dict[str, beam.PCollection], files: beam.PCollection,
-                 extra: dict, extra_side: Dict[str, beam.PCollection] | None = None):
+                 extra: dict, extra_side: Dict[str, beam.PCollection] | None = None, cleanup: tuple = ()):
         super().__init__()
         self._output, self._counts, self._files = output, counts, files
         self._extra, self._extra_side = extra, dict(extra_side or {})
+        self._cleanup = tuple(cleanup)
 
     def expand(self, pbegin):
         count_names = sorted(self._counts)
@@ -80,15 +89,16 @@ class WriteMetadata(beam.PTransform):
         sides["files"] = beam.pvalue.AsList(self._files)
         return (pbegin
                 | "Once" >> beam.Create([None])
-                | "WriteMetadataJson" >> beam.Map(_metadata_writer(self._output, self._extra), **sides))
+                | "WriteMetadataJson" >> beam.Map(_metadata_writer(self._output, self._extra, self._cleanup),
+                                                 **sides))
 
 
-def _metadata_writer(output: str, extra: dict) -> Callable:
+def _metadata_writer(output: str, extra: dict, cleanup: tuple = ()) -> Callable:
     def write(_, files, **sides) -> dict:
         counts = {k[len("count_"):]: int(v) for k, v in sides.items() if k.startswith("count_")}
         meta = dict(extra)
         meta.update({k[len("side_"):]: v for k, v in sides.items() if k.startswith("side_")})
-        return write_metadata(output, meta, counts, files)
+        return write_metadata(output, meta, counts, files, cleanup)
     return write
 
 

@@ -56,3 +56,49 @@ def rows_to_nhwc(rows: np.ndarray, size: int) -> np.ndarray:
     """Inverse of `planar_row` for a batch: (n, 3*S*S) -> (n, S, S, 3), as the seed's loader does."""
     rows = np.asarray(rows)
     return rows.reshape(rows.shape[0], 3, size, size).transpose(0, 2, 3, 1)
+
+
+# --- SPEC §3: the 299x299 input of the colourisation pipeline ------------------------------------------
+
+WHITE = (255, 255, 255)
+
+
+def letterbox(img: Image.Image, size: int = 299, background: Tuple[int, int, int] = WHITE) -> Image.Image:
+    """Fit the whole image into size x size, keeping its aspect ratio, centred on white (SPEC §3).
+
+    Like deep-koalarization's resize step: when both sides are smaller than `size` the image is first
+    enlarged by min(size/w, size/h) (sides truncated, so 100x50 -> 299x149); then it is shrunk with Lanczos
+    to fit (Pillow's `thumbnail`, whose rounding keeps the aspect ratio: 400x200 -> 299x150) and pasted at
+    offsets rounded up ((0, 75) for 299x150). `img` is RGB; it may be modified.
+    """
+    w, h = img.size
+    enlarge = min(size / w, size / h)
+    if enlarge > 1:
+        img = img.resize((int(w * enlarge), int(h * enlarge)), Image.Resampling.LANCZOS)
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (size, size), background)
+    canvas.paste(img, ((size - img.width + 1) // 2, (size - img.height + 1) // 2))
+    return canvas
+
+
+def stretch(img: Image.Image, size: int = 299) -> Image.Image:
+    """The whole image squashed to size x size with Lanczos (aspect ratio not kept)."""
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def center_crop(img: Image.Image, size: int = 299) -> Image.Image:
+    """The central square (side = the shorter side) resized to size x size with Lanczos, in one pass."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+
+
+FIT_MODES = {"letterbox": letterbox, "stretch": stretch, "center-crop": center_crop}
+
+
+def fit(img: Image.Image, size: int = 299, mode: str = "letterbox") -> Image.Image:
+    try:
+        return FIT_MODES[mode](img, size)
+    except KeyError:
+        raise ValueError(f"unknown fit mode {mode!r}; choose from {sorted(FIT_MODES)}") from None

@@ -398,6 +398,20 @@ def class_keys(item: Indexed) -> Iterator[str]:
                 yield key
 
 
+AVERAGE_IMAGE_BYTES = 110_000  # an ILSVRC2012 JPEG; only for sizing work where a tar's count is unknown
+
+
+def estimated_images(item: Indexed) -> int:
+    """How many images a work unit holds, from the index alone (member tars: estimated from bytes)."""
+    if isinstance(item, Failure):
+        return 0
+    if item.kind == "file":
+        return 1
+    if item.kind == "member_tar":
+        return max(1, item.size // AVERAGE_IMAGE_BYTES)
+    return len(item.members)
+
+
 class IndexInputs(beam.PTransform):
     """Input paths -> work units and failures (headers only, cheap)."""
 

@@ -1,0 +1,180 @@
+"""imagebeam colorize: images -> deep-koalarization's Lab + Inception-ResNet-v2 TFRecords (SPEC §3).
+
+    IndexInputs -> ReadImages -> DecodeLetterbox (299, white) -> OrderedChunks (seeded order, per bucket)
+        -> EmbedChunks (RunInference: grey -> [-1, 1] -> Inception-ResNet-v2 logits, one chunk per call)
+        -> WriteRecordFiles (224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
+    failures of every step -> failures.jsonl; counts + files -> metadata.json (written last)
+
+Writes `lab_images_K.tfrecord` (and `val_lab_images_K.tfrecord` with --val-fraction), `--examples-per-file`
+records each, in the order of a seeded hash of the image name, so reruns and any worker count give the
+same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from imagebeam.pipelines import options as job_options
+from imagebeam.transforms import fileutil, inception
+from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
+from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
+from imagebeam.transforms.lab_records import RECORD_FORMATS
+from imagebeam.transforms.lab_shards import FILE_PREFIX, BucketCount, DecodeFit, OrderedChunks, WriteRecordFiles
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata
+from imagebeam.transforms.resize import FIT_MODES
+from imagebeam.transforms.sources import IndexInputs, ReadImages
+
+_LOG = logging.getLogger(__name__)
+STAGING = ".staging"
+EMBEDDINGS = ("inception_resnet_v2", "none")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagebeam colorize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", action="append", required=True,
+                   help="image folder, tar, or glob of tar shards (as for downsample); repeat for several")
+    p.add_argument("--output", required=True, help="output folder (local or any Beam filesystem)")
+    p.add_argument("--embedding", choices=EMBEDDINGS, default="inception_resnet_v2",
+                   help="'none' writes records without image_embedding (the CPU side alone)")
+    p.add_argument("--inception-weights", default="imagenet",
+                   help="imagenet (Keras' published weights, cached by Keras), a Keras weights file "
+                        "(.h5/.weights.h5/.keras), the TF-slim checkpoint inception_resnet_v2_2016_08_30.ckpt "
+                        "(1001 logits, as koalarization), or random (untrained: tests and demos only)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    p.add_argument("--model-copies", type=int, default=None,
+                   help="models per worker machine, shared by its processes (GPU workers); default: one "
+                        "per process")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32")
+    p.add_argument("--record-format", choices=RECORD_FORMATS, default="reference",
+                   help="reference: float features as koalarization reads them; compact: L and ab as "
+                        "8-bit bytes (about 4x smaller; read with imagebeam's read_lab_records)")
+    p.add_argument("--examples-per-file", type=int, default=500)
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of images written to val_lab_images_K.tfrecord (seeded hash of the name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the record order and the val split")
+    p.add_argument("--compression", choices=("none", "gzip"), default="none",
+                   help="none (the reference reads uncompressed) or gzip (TFRecordDataset "
+                        "compression_type='GZIP')")
+    p.add_argument("--mode", choices=sorted(FIT_MODES), default="letterbox",
+                   help="how images become 299x299 (letterbox on white, as the reference)")
+    p.add_argument("--buckets", type=int, default=None,
+                   help="shuffle buckets per split (default: about one per 512 images)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--exif-transpose", action="store_true")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.examples_per_file < 1:
+        raise SystemExit("--batch-size and --examples-per-file must be at least 1")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise SystemExit("--val-fraction must be in [0, 1)")
+    if args.embedding != "none":
+        try:
+            inception.weights_kind(args.inception_weights)
+        except ValueError as exc:
+            raise SystemExit(f"--inception-weights: {exc}") from None
+
+
+def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
+    staging = fileutil.join(args.output, STAGING)
+    indexed = p | "IndexInputs" >> IndexInputs(args.input)
+    n_buckets = indexed | "BucketCount" >> BucketCount(args.buckets)
+    blobs, read_failures = indexed | "ReadImages" >> ReadImages()
+    items, decode_failures = blobs | "DecodeLetterbox" >> DecodeFit(
+        n_buckets, args.seed, args.val_fraction, args.mode, args.max_pixels, args.exif_transpose)
+    chunks = items | "OrderedChunks" >> OrderedChunks(args.batch_size)
+
+    failure_sets = [read_failures, decode_failures]
+    if args.embedding == "none":
+        embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
+    else:
+        embedded, embed_failures = chunks | "EmbedChunks" >> EmbedChunks(
+            args.inception_weights, args.precision, args.model_copies)
+        failure_sets.append(embed_failures)
+    files = embedded | "WriteRecordFiles" >> WriteRecordFiles(
+        args.output, staging, args.record_format, args.examples_per_file, args.compression)
+
+    n_failed = tuple(failure_sets) | "AllFailures" >> beam.Flatten() | "WriteFailures" >> WriteFailures(args.output)
+    n_read = (blobs, read_failures) | "CountRead" >> CountAll()
+    sizes = (embedded
+             | "EmbeddingSize" >> beam.MapTuple(lambda _, e: 0 if e is None else int(e.shape[1]))
+             | "DistinctSizes" >> beam.Distinct()
+             | "SizeList" >> beam.combiners.ToList()
+             | "OneSize" >> beam.Map(lambda s: sorted(s)[-1] if s else None))
+    _ = p | "WriteMetadata" >> WriteMetadata(
+        args.output, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args),
+        extra_side={"embedding_size": sizes}, cleanup=(staging,))
+
+
+def job_facts(args: argparse.Namespace) -> dict:
+    facts = {
+        "job": "colorize", "inputs": list(args.input), "mode": args.mode, "size": 299, "lab_size": 224,
+        "record_format": args.record_format, "compression": args.compression,
+        "examples_per_file": args.examples_per_file, "val_fraction": args.val_fraction, "seed": args.seed,
+        "embedding": args.embedding,
+        "features": {"image_name": "bytes", "image_l": "50176 x float32 (L' = 2L/100 - 1)",
+                     "image_ab": "100352 x float32 (ab' = ab/127, a and b interleaved)",
+                     "image_embedding": "float32, Inception-ResNet-v2 pre-softmax logits"},
+    }
+    if args.record_format == "compact":
+        facts["features"].update(image_l="bytes: 50176 x uint8 q, L' = q/127.5 - 1",
+                                 image_ab="bytes: 100352 x uint8 q, ab' = (q - 128)/127")
+    if args.embedding == "none":
+        facts["features"].pop("image_embedding")
+    else:
+        kind = inception.weights_kind(args.inception_weights)
+        facts.update(inception_weights=args.inception_weights, weights_kind=kind, precision=args.precision,
+                     batch_size=args.batch_size)
+        if kind == "random":
+            facts["warning"] = ("RANDOM, UNTRAINED Inception weights: the embeddings are meaningless; "
+                                "for tests and demos only")
+    return facts
+
+
+def remove_previous_outputs(output: str) -> None:
+    """Record files of an earlier run (which may have had more files) and its staging folder."""
+    patterns = [fileutil.join(output, f"{prefix}_*.tfrecord") for prefix in FILE_PREFIX.values()]
+    old = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
+    staging = fileutil.join(output, STAGING)
+    if FileSystems.exists(staging):
+        old.append(staging)
+    if old:
+        FileSystems.delete(old)
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Run the job and return the metadata it wrote."""
+    args, pipeline_options = job_options.parse(make_parser(), argv)
+    check_args(args)
+    if args.embedding != "none" and inception.weights_kind(args.inception_weights) == "random":
+        _LOG.warning("--inception-weights random: UNTRAINED weights, the embeddings are meaningless "
+                     "(tests and demos only); metadata.json says so")
+    fileutil.ensure_dir(args.output)
+    remove_previous_outputs(args.output)
+    job_options.run_pipeline(build, pipeline_options, args)
+    with FileSystems.open(fileutil.join(args.output, "metadata.json")) as f:
+        meta = json.load(f)
+    _LOG.info("colorize finished: %s", meta["counts"])
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    print(summary(run(argv)))
+    return 0
+
+
+def summary(meta: dict) -> str:
+    c = meta["counts"]
+    files = ", ".join(f"{f['file']} ({f['rows']})" for f in meta["files"]) or "no files"
+    emb = meta.get("embedding_size")
+    what = f"embedding {emb}" if meta["embedding"] != "none" else "no embedding"
+    warn = "  [RANDOM WEIGHTS: embeddings meaningless]" if meta.get("warning") else ""
+    return (f"colorize ({meta['record_format']}, {what}): read {c['read']}, written {c['written']}, "
+            f"failed {c['failed']} -> {files}{warn}")

@@ -1,0 +1,96 @@
+"""The Inception-ResNet-v2 embedding as a Beam RunInference step over ordered chunks.
+
+The model handler's example is a `Chunk` (up to `--batch-size` consecutive images of one bucket, made by
+`lab_shards.OrderedChunks`) and one model call embeds a whole chunk. Batches are formed upstream on
+purpose: a float result can depend on the batch it was computed in, and a chunk holds the same images
+whatever the runner, bundle sizes or worker count, so the embeddings (and the files) repeat bit for bit.
+
+TensorFlow is imported only in `load_model`, on the workers: the launching process stays free of it
+(see `pipelines.options.run_pipeline`). The model is loaded once per process (RunInference's shared
+handle), or as `--model-copies` copies shared across the processes of a worker (GPU machines).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+
+from imagebeam.transforms import colour
+from imagebeam.transforms.lab_shards import Chunk
+from imagebeam.transforms.sources import Failure
+
+_LOG = logging.getLogger(__name__)
+PRECISIONS = ("float32", "mixed_float16", "bfloat16")
+
+
+class _Embedder:
+    """A loaded model plus one compiled call (no retracing per batch size)."""
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        return np.asarray(self._call(inputs), dtype=np.float32)
+
+
+class InceptionChunkHandler(ModelHandler[Chunk, PredictionResult, Any]):
+    """RunInference handler: Chunk -> PredictionResult(chunk, float32 embeddings [len(chunk), E])."""
+
+    def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        # One chunk per call: the chunk already is the batch (see the module docstring).
+        super().__init__(min_batch_size=1, max_batch_size=1, model_copies=model_copies)
+        self._weights, self._precision = weights, precision
+
+    def load_model(self) -> _Embedder:
+        from imagebeam.transforms import inception
+
+        inception.configure_gpus()
+        return _Embedder(inception.build_model(self._weights, self._precision))
+
+    def run_inference(self, batch: Sequence[Chunk], model: _Embedder,
+                      inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
+        for chunk in batch:
+            grey = np.stack([colour.grey_uint8(item.rgb()) for item in chunk.items])
+            yield PredictionResult(chunk, model(colour.inception_input(grey)), self._weights)
+
+    def get_num_bytes(self, batch: Sequence[Chunk]) -> int:
+        return sum(len(item.pixels) for chunk in batch for item in chunk.items)
+
+    def get_metrics_namespace(self) -> str:
+        return "imagebeam_inception"
+
+
+def embed_direct(model, rgb299: np.ndarray) -> np.ndarray:
+    """The SPEC §3 embedding of RGB 299 images (n, 299, 299, 3) with a Keras model, without Beam."""
+    grey = np.stack([colour.grey_uint8(x) for x in rgb299])
+    return np.asarray(model(colour.inception_input(grey), training=False), dtype=np.float32)
+
+
+def _failed_chunk(element) -> Iterable[Failure]:
+    batch, exc = element
+    for chunk in batch:
+        for item in chunk.items:
+            yield Failure(item.source, item.member, f"embedding failed: {type(exc).__name__}: {exc}")
+
+
+class EmbedChunks(beam.PTransform):
+    """Chunks -> ((chunk, embeddings [n, E]), failures). A chunk whose model call raises becomes
+    failures of its images (reason given) and the pipeline goes on."""
+
+    def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None):
+        super().__init__()
+        self._handler = InceptionChunkHandler(weights, precision, model_copies)
+
+    def expand(self, chunks) -> Tuple[beam.PCollection, beam.PCollection]:
+        main, dead = chunks | "RunInference" >> RunInference(self._handler).with_exception_handling()
+        embedded = main | "WithEmbeddings" >> beam.Map(lambda r: (r.example, r.inference))
+        failures = dead.failed_inferences | "FailedChunks" >> beam.FlatMap(_failed_chunk)
+        return embedded, failures
