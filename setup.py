@@ -24,6 +24,8 @@ setup(
         "numpy>=1.26,<2.5",
         "pillow>=10.0,<13",
         "scipy>=1.11",
+        "opencv-python-headless>=4.8",  # float32 bilinear resize of the Lab target
+        "google-crc32c>=1.5",           # TFRecord framing (C implementation)
     ],
     extras_require={
         # Real photos for the bundled sample (`imagebeam demo`) and the test fixtures.
@@ -31,7 +33,6 @@ setup(
         "test": [
             "scikit-image>=0.22",
             "scikit-learn>=1.3",
-            "opencv-python-headless>=4.8",
             "pytest>=8",
             "pytest-xdist>=3",
         ],

@@ -12,7 +12,6 @@ the differences are ~1e-5 in Lab units.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Tuple
 
 import numpy as np
@@ -53,45 +52,45 @@ def inception_input(grey: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
-@lru_cache(maxsize=8)
-def _bilinear_taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of a half-pixel-centred linear resize along one axis.
-
-    Output pixel i samples input coordinate (i + 0.5) * n_in / n_out - 0.5, interpolating between its two
-    neighbours; coordinates outside [0, n_in - 1] are clamped (never reached when shrinking).
-    """
-    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    pos = np.clip(pos, 0.0, n_in - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w = (pos - lo).astype(np.float32)
-    return lo, hi, w
-
-
 def resize_bilinear(rgb: np.ndarray, size: int = LAB_SIZE) -> np.ndarray:
-    """RGB uint8 (h, w, 3) -> float32 (size, size, 3) in [0, 1], bilinear with half-pixel centres."""
-    h, w = rgb.shape[:2]
-    y0, y1, wy = _bilinear_taps(h, size)
-    x0, x1, wx = _bilinear_taps(w, size)
+    """RGB uint8 (h, w, 3) -> float32 (size, size, 3) in [0, 1], bilinear with half-pixel centres.
+
+    OpenCV's INTER_LINEAR on float32 samples at (i + 0.5) * h / size - 0.5 without anti-aliasing, the
+    same maths as skimage's `resize(order=1, anti_aliasing=False)`, about 10x faster than numpy.
+    """
+    import cv2
+
     img = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
-    top, bottom = img[y0], img[y1]
-    rows = top + (bottom - top) * wy[:, None, None]
-    left, right = rows[:, x0], rows[:, x1]
-    return left + (right - left) * wx[None, :, None]
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def _srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    # ((x + 0.055) / 1.055) ** 2.4 through exp2/log2, which numpy vectorises for float32.
-    gamma = np.exp2(np.float32(2.4) * np.log2(np.maximum((x + np.float32(0.055)) * np.float32(1 / 1.055),
-                                                           np.float32(1e-30))))
-    return np.where(x > np.float32(0.04045), gamma, x * np.float32(1 / 12.92))
+def _select(x: np.ndarray, threshold: float, above: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """`above` where x > threshold, else `below` (a float mask and a blend: several times np.where's speed)."""
+    import cv2
+
+    _, mask = cv2.threshold(x, threshold, 1.0, cv2.THRESH_BINARY)
+    mask = mask.reshape(x.shape)
+    return above * mask + below * (np.float32(1.0) - mask)  # exact: each term is the value or 0
+
+
+def _lab_f(rgb: np.ndarray) -> np.ndarray:
+    """The CIE f(X/Xn), f(Y/Yn), f(Z/Zn) of RGB in [0, 1] as float32 (..., 3), via OpenCV kernels."""
+    import cv2
+
+    shape = rgb.shape
+    x = np.ascontiguousarray(rgb, dtype=np.float32).reshape(-1, 1, 3) if rgb.ndim != 3 else \
+        np.ascontiguousarray(rgb, dtype=np.float32)
+    # sRGB -> linear: ((x + 0.055) / 1.055) ** 2.4 above 0.04045, x / 12.92 below
+    gamma = np.exp2(np.float32(2.4) * np.log2((x + np.float32(0.055)) * np.float32(1 / 1.055)))
+    lin = _select(x, 0.04045, gamma, x * np.float32(1 / 12.92))
+    t = cv2.transform(lin, _XYZN_FROM_RGB_T.T)  # (X/Xn, Y/Yn, Z/Zn)
+    f = _select(t, 0.008856, np.cbrt(t), t * np.float32(7.787) + np.float32(16.0 / 116.0))
+    return f.reshape(shape)
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """RGB float in [0, 1] (..., 3) -> CIE Lab float32 (..., 3) (D65, 2°), as skimage.color.rgb2lab."""
-    lin = _srgb_to_linear(np.asarray(rgb, dtype=np.float32))
-    t = lin @ _XYZN_FROM_RGB_T
-    f = np.where(t > np.float32(0.008856), np.cbrt(t), t * np.float32(7.787) + np.float32(16.0 / 116.0))
+    f = _lab_f(rgb)
     lab = np.empty_like(f)
     lab[..., 0] = np.float32(116.0) * f[..., 1] - np.float32(16.0)
     lab[..., 1] = np.float32(500.0) * (f[..., 0] - f[..., 1])
@@ -108,8 +107,18 @@ def normalise_lab(lab: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def lab_target(rgb299: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """The record's colour target from the 299 RGB image: (L' (224, 224), ab' (224, 224, 2)), float32."""
-    return normalise_lab(rgb_to_lab(resize_bilinear(rgb299, LAB_SIZE)))
+    """The record's colour target from the 299 RGB image: (L' (224, 224), ab' (224, 224, 2)), float32.
+
+    `normalise_lab(rgb_to_lab(...))` with the constants folded: L' = 2.32 fy - 1.32,
+    a' = 500/127 (fx - fy), b' = 200/127 (fy - fz).
+    """
+    f = _lab_f(resize_bilinear(rgb299, LAB_SIZE))
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    l_norm = fy * np.float32(116.0 / L_SCALE) - np.float32(16.0 / L_SCALE + 1.0)
+    ab_norm = np.empty(f.shape[:-1] + (2,), dtype=np.float32)
+    ab_norm[..., 0] = (fx - fy) * np.float32(500.0 / AB_SCALE)
+    ab_norm[..., 1] = (fy - fz) * np.float32(200.0 / AB_SCALE)
+    return l_norm, ab_norm
 
 
 # --- compact (8-bit) storage of L' and ab' -------------------------------------------------------------
