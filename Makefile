@@ -23,6 +23,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_downsample.py
+	$(BIN)/python tests/benchmarks/bench_colorize.py
 
 clean:
 	rm -rf demo-output .pytest_cache

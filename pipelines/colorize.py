@@ -1,6 +1,6 @@
 """imagebeam colorize: images -> deep-koalarization's Lab + Inception-ResNet-v2 TFRecords (SPEC §3).
 
-    IndexInputs -> ReadImages -> DecodeLetterbox (299, white) -> OrderedChunks (seeded order, per bucket)
+    IndexInputs -> ReadImages -> CheckDecode -> OrderedChunks (seeded order, per bucket) -> Letterbox (299, white)
         -> EmbedChunks (RunInference: grey -> [-1, 1] -> Inception-ResNet-v2 logits, one chunk per call)
         -> WriteRecordFiles (224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
     failures of every step -> failures.jsonl; counts + files -> metadata.json (written last)
@@ -24,7 +24,8 @@ from imagebeam.transforms import fileutil, inception
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
 from imagebeam.transforms.lab_records import RECORD_FORMATS
-from imagebeam.transforms.lab_shards import FILE_PREFIX, BucketCount, DecodeFit, OrderedChunks, WriteRecordFiles
+from imagebeam.transforms.lab_shards import (FILE_PREFIX, BucketCount, CheckDecode, FitParams, OrderedChunks,
+                                              WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata
 from imagebeam.transforms.resize import FIT_MODES
 from imagebeam.transforms.sources import IndexInputs, ReadImages
@@ -87,9 +88,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     indexed = p | "IndexInputs" >> IndexInputs(args.input)
     n_buckets = indexed | "BucketCount" >> BucketCount(args.buckets)
     blobs, read_failures = indexed | "ReadImages" >> ReadImages()
-    items, decode_failures = blobs | "DecodeLetterbox" >> DecodeFit(
-        n_buckets, args.seed, args.val_fraction, args.mode, args.max_pixels, args.exif_transpose)
-    chunks = items | "OrderedChunks" >> OrderedChunks(args.batch_size)
+    params = FitParams(args.mode, args.max_pixels, args.exif_transpose)
+    items, decode_failures = blobs | "CheckDecode" >> CheckDecode(n_buckets, args.seed, args.val_fraction, params)
+    chunks = (items
+              | "OrderedChunks" >> OrderedChunks(args.batch_size)
+              | "Letterbox" >> beam.Map(fit_chunk, params))
 
     failure_sets = [read_failures, decode_failures]
     if args.embedding == "none":

@@ -1,8 +1,10 @@
 """imagebeam demo: build the bundled sample from real photos, then run the jobs on it locally.
 
 The sample (scikit-image and scikit-learn's photos, no download) is an ILSVRC2012-style nested train
-tar, a flat val tar and a tiny devkit; the demo runs `downsample` for train and val and prints where
-everything went. Beam options (e.g. --direct_num_workers 1) pass through to every job.
+tar, a flat val tar and a tiny devkit; the demo runs `downsample` for train and val, then `colorize` on
+the val tar with RANDOM (untrained) Inception weights, since no pretrained weights can be downloaded
+here: its records have the reference layout but meaningless embeddings, and metadata.json says so.
+Beam options (e.g. --direct_num_workers 1) pass through to every job.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 from typing import List, Sequence
 
 from imagebeam import sample as sample_lib
-from imagebeam.pipelines import downsample
+from imagebeam.pipelines import colorize, downsample
 from imagebeam.transforms.report import natural_key
 
 
@@ -21,6 +23,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-output", help="where the sample and the outputs go")
     p.add_argument("--size", type=int, default=32, choices=(8, 16, 32, 64))
     p.add_argument("--per-class", type=int, default=12, help="train images per class in the sample")
+    p.add_argument("--no-colorize", action="store_true", help="skip the colorize run (it builds Inception)")
     return p
 
 
@@ -37,6 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = downsample.run(["--input", tar, "--devkit", sample.devkit, "--output", out, "--split", split,
                                "--size", str(args.size), *beam_args])
         print(downsample.summary(meta))
+        outputs.append(out)
+    if not args.no_colorize:
+        out = os.path.join(workdir, "koalarization")
+        meta = colorize.run(["--input", sample.val_tar, "--output", out, "--inception-weights", "random",
+                             "--val-fraction", "0.25", "--examples-per-file", "8", "--batch-size", "8",
+                             *beam_args])
+        print(colorize.summary(meta))
+        print("  (demo only: RANDOM Inception weights, the embeddings are meaningless)")
         outputs.append(out)
     print("outputs:")
     for out in outputs:

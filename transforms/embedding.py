@@ -19,7 +19,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from imagebeam.transforms import colour
-from imagebeam.transforms.lab_shards import Chunk
+from imagebeam.transforms.lab_shards import FittedChunk
 from imagebeam.transforms.sources import Failure
 
 _LOG = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ class _Embedder:
         return np.asarray(self._call(inputs), dtype=np.float32)
 
 
-class InceptionChunkHandler(ModelHandler[Chunk, PredictionResult, Any]):
-    """RunInference handler: Chunk -> PredictionResult(chunk, float32 embeddings [len(chunk), E])."""
+class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
+    """RunInference handler: FittedChunk -> PredictionResult(chunk, float32 embeddings [len(chunk), E])."""
 
     def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None):
         if precision not in PRECISIONS:
@@ -55,14 +55,14 @@ class InceptionChunkHandler(ModelHandler[Chunk, PredictionResult, Any]):
         inception.configure_gpus()
         return _Embedder(inception.build_model(self._weights, self._precision))
 
-    def run_inference(self, batch: Sequence[Chunk], model: _Embedder,
+    def run_inference(self, batch: Sequence[FittedChunk], model: _Embedder,
                       inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
-        for chunk in batch:
-            grey = np.stack([colour.grey_uint8(item.rgb()) for item in chunk.items])
-            yield PredictionResult(chunk, model(colour.inception_input(grey)), self._weights)
+        for fitted in batch:
+            yield PredictionResult(fitted, model(colour.inception_input(colour.grey_uint8(fitted.rgb))),
+                                   self._weights)
 
-    def get_num_bytes(self, batch: Sequence[Chunk]) -> int:
-        return sum(len(item.pixels) for chunk in batch for item in chunk.items)
+    def get_num_bytes(self, batch: Sequence[FittedChunk]) -> int:
+        return sum(fitted.rgb.nbytes for fitted in batch)
 
     def get_metrics_namespace(self) -> str:
         return "imagebeam_inception"
@@ -70,19 +70,19 @@ class InceptionChunkHandler(ModelHandler[Chunk, PredictionResult, Any]):
 
 def embed_direct(model, rgb299: np.ndarray) -> np.ndarray:
     """The SPEC §3 embedding of RGB 299 images (n, 299, 299, 3) with a Keras model, without Beam."""
-    grey = np.stack([colour.grey_uint8(x) for x in rgb299])
+    grey = colour.grey_uint8(rgb299)
     return np.asarray(model(colour.inception_input(grey), training=False), dtype=np.float32)
 
 
 def _failed_chunk(element) -> Iterable[Failure]:
     batch, exc = element
-    for chunk in batch:
-        for item in chunk.items:
+    for fitted in batch:
+        for item in fitted.chunk.items:
             yield Failure(item.source, item.member, f"embedding failed: {type(exc).__name__}: {exc}")
 
 
 class EmbedChunks(beam.PTransform):
-    """Chunks -> ((chunk, embeddings [n, E]), failures). A chunk whose model call raises becomes
+    """FittedChunks -> ((fitted chunk, embeddings [n, E]), failures). A chunk whose model call raises becomes
     failures of its images (reason given) and the pipeline goes on."""
 
     def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None):

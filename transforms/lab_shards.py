@@ -2,9 +2,9 @@
 
 Order and split are functions of the image name only: the place of a record is the order of a keyed
 BLAKE2 hash of (seed, name), and an image goes to the val files when a second keyed hash falls below
-`--val-fraction`. Items are grouped once into key-range buckets (the 299x299 RGB pixels travel, about
-268 KB, smaller than the finished float record); each bucket is sorted and cut into chunks of
-`--batch-size` consecutive items. A chunk is the unit of the embedding (one model call, the same
+`--val-fraction`. Images are decoded once to sort failures out, then grouped once into key-range
+buckets with their encoded bytes (not pixels: less to move); each bucket is sorted and cut into chunks
+of `--batch-size` consecutive items, which are decoded and letterboxed again. A chunk is the unit of the embedding (one model call, the same
 images in it whatever the runner or worker count, so the float results repeat bit for bit) and of
 writing: its records go to staged pieces, one per output file it touches (global ranks follow from the
 per-bucket counts, a small side input), and each output file is the concatenation of its pieces in
@@ -33,22 +33,19 @@ from imagebeam.transforms.sources import Failure, ImageBlob, estimated_images
 
 TRAIN, VAL = "train", "val"
 FILE_PREFIX = {TRAIN: "lab_images", VAL: "val_lab_images"}
-IMAGES_PER_BUCKET = 512   # about 140 MB of pixels to sort per bucket
+IMAGES_PER_BUCKET = 512   # about 60 MB of ILSVRC JPEGs to sort per bucket
 MAX_BUCKETS = 1 << 14
 FAILURES = "failures"
 SIZE = colour.INCEPTION_SIZE
 
 
 class LabItem(NamedTuple):
-    """One letterboxed image on its way to a record."""
+    """One image on its way to a record: its encoded bytes, already known to decode."""
     item_id: bytes            # shuffle key + name + source: the sort key, unique per input
     name: str                 # stored as image_name
     source: str
     member: Optional[str]
-    pixels: bytes             # 299 x 299 x 3 RGB uint8
-
-    def rgb(self) -> np.ndarray:
-        return np.frombuffer(self.pixels, dtype=np.uint8).reshape(SIZE, SIZE, 3)
+    data: bytes               # the input file's bytes (smaller to shuffle than pixels)
 
 
 class Chunk(NamedTuple):
@@ -58,6 +55,25 @@ class Chunk(NamedTuple):
     index: int                # chunk number inside the bucket
     first_rank: int           # rank of items[0] among all records of the split
     items: Tuple[LabItem, ...]
+
+
+class FittedChunk(NamedTuple):
+    """A chunk with its images decoded and fitted to 299 x 299 (made and used inside one fused stage)."""
+    chunk: Chunk
+    rgb: np.ndarray           # (n, 299, 299, 3) uint8
+
+
+class FitParams(NamedTuple):
+    """How input bytes become the 299 RGB image; the same before and after the shuffle."""
+    mode: str = "letterbox"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_transpose: bool = False
+
+    def decode(self, data: bytes):
+        return decode_rgb(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose)
+
+    def fitted(self, data: bytes) -> np.ndarray:
+        return np.asarray(fit(self.decode(data), SIZE, self.mode), dtype=np.uint8)
 
 
 def val_draw(seed: int, name: str) -> float:
@@ -98,17 +114,22 @@ def piece_name(split: str, file_index: int, bucket: int, chunk: int) -> str:
 
 # --- decode + letterbox --------------------------------------------------------------------------------
 
-class _DecodeFitFn(beam.DoFn):
-    def __init__(self, seed: int, val_fraction: float, mode: str, max_pixels: int, exif_transpose: bool):
-        self._seed, self._val_fraction, self._mode = seed, val_fraction, mode
-        self._max_pixels, self._exif_transpose = max_pixels, exif_transpose
+class _CheckDecodeFn(beam.DoFn):
+    """Decode once to sort failures out before the order is fixed; key the bytes for the shuffle.
+
+    The pixels are made again after the shuffle (`fit_chunk`): shipping the encoded file (about 110 KB
+    for an ILSVRC JPEG) instead of 268 KB of pixels costs a second JPEG decode (under 1 ms) and saves
+    the runner more than that in moving bytes.
+    """
+
+    def __init__(self, seed: int, val_fraction: float, params: FitParams):
+        self._seed, self._val_fraction, self._params = seed, val_fraction, params
         self._decoded = beam.metrics.Metrics.counter("imagebeam", "decoded")
         self._failed = beam.metrics.Metrics.counter("imagebeam", "decode_failed")
 
     def process(self, blob: ImageBlob, n_buckets: int):
         try:
-            img = decode_rgb(blob.data, max_pixels=self._max_pixels, exif_transpose=self._exif_transpose)
-            pixels = np.asarray(fit(img, SIZE, self._mode), dtype=np.uint8).tobytes()
+            self._params.decode(blob.data)
         except DecodeError as exc:
             self._failed.inc()
             yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
@@ -116,22 +137,25 @@ class _DecodeFitFn(beam.DoFn):
         self._decoded.inc()
         ident = item_id(self._seed, blob.name, blob.source)
         split = split_of(self._seed, blob.name, self._val_fraction)
-        yield (split, bucket_of(ident[:16], n_buckets)), LabItem(ident, blob.name, blob.source, blob.member, pixels)
+        yield (split, bucket_of(ident[:16], n_buckets)), LabItem(ident, blob.name, blob.source, blob.member, blob.data)
 
 
-class DecodeFit(beam.PTransform):
+class CheckDecode(beam.PTransform):
     """blobs -> ((split, bucket), LabItem) and failures. `n_buckets`: singleton PCollection of an int."""
 
-    def __init__(self, n_buckets, seed: int = 0, val_fraction: float = 0.0, mode: str = "letterbox",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False):
+    def __init__(self, n_buckets, seed: int = 0, val_fraction: float = 0.0, params: FitParams = FitParams()):
         super().__init__()
         self._n_buckets = n_buckets
-        self._fn = _DecodeFitFn(seed, val_fraction, mode, max_pixels, exif_transpose)
+        self._fn = _CheckDecodeFn(seed, val_fraction, params)
 
     def expand(self, blobs):
-        out = blobs | "DecodeLetterbox" >> beam.ParDo(
+        out = blobs | "CheckDecode" >> beam.ParDo(
             self._fn, pvalue.AsSingleton(self._n_buckets)).with_outputs(FAILURES, main="items")
         return out.items, out[FAILURES]
+
+
+def fit_chunk(chunk: Chunk, params: FitParams) -> FittedChunk:
+    return FittedChunk(chunk, np.stack([params.fitted(item.data) for item in chunk.items]))
 
 
 class BucketCount(beam.PTransform):
@@ -181,11 +205,11 @@ class OrderedChunks(beam.PTransform):
 
 # --- records, pieces and files -------------------------------------------------------------------------
 
-def chunk_records(chunk: Chunk, embeddings: Optional[np.ndarray], record_format: str) -> List[bytes]:
+def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str) -> List[bytes]:
     """The framed TFRecords of a chunk, in order (Lab computed here, after the shuffle)."""
     out = []
-    for i, item in enumerate(chunk.items):
-        l_norm, ab_norm = colour.lab_target(item.rgb())
+    for i, item in enumerate(fitted.chunk.items):
+        l_norm, ab_norm = colour.lab_target(fitted.rgb[i])
         embedding = None if embeddings is None else embeddings[i]
         out.append(frame_record(encode_example(item.name, l_norm, ab_norm, embedding, record_format)))
     return out
@@ -195,9 +219,10 @@ class _WritePiecesFn(beam.DoFn):
     def __init__(self, staging: str, record_format: str, per_file: int):
         self._staging, self._format, self._per_file = staging, record_format, per_file
 
-    def process(self, element: Tuple[Chunk, Optional[np.ndarray]]):
-        chunk, embeddings = element
-        records = chunk_records(chunk, embeddings, self._format)
+    def process(self, element: Tuple[FittedChunk, Optional[np.ndarray]]):
+        fitted, embeddings = element
+        chunk = fitted.chunk
+        records = chunk_records(fitted, embeddings, self._format)
         for file_index, start, end in file_spans(chunk.first_rank, len(records), self._per_file):
             path = join(self._staging, piece_name(chunk.split, file_index, chunk.bucket, chunk.index))
             write_atomically(path, b"".join(records[start:end]))
@@ -211,7 +236,15 @@ def concat_pieces(output: str, name: str, paths: Iterable[str], compression: str
     """Write `name` as the concatenation of the pieces (TFRecords concatenate), gzip-compressed or not.
 
     Gzip is one deflate stream (zlib, no file name, mtime 0): the same records give the same bytes.
+    A single uncompressed piece is renamed into place instead of copied.
     """
+    paths = list(paths)
+    if compression != "gzip" and len(paths) == 1:
+        target = join(output, name)
+        if FileSystems.exists(target):
+            FileSystems.delete([target])
+        FileSystems.rename(paths, [target])
+        return
     with atomic_writer(join(output, name)) as out:
         deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
         for path in paths:
@@ -223,7 +256,7 @@ def concat_pieces(output: str, name: str, paths: Iterable[str], compression: str
 
 
 class WriteRecordFiles(beam.PTransform):
-    """(Chunk, embeddings or None) -> `lab_images_K.tfrecord` / `val_lab_images_K.tfrecord` files.
+    """(FittedChunk, embeddings or None) -> `lab_images_K.tfrecord` / `val_lab_images_K.tfrecord` files.
 
     Emits {"file", "rows", "split"} per file. Pieces go to `staging`, which the caller removes.
     """
