@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_colorize:
         out = os.path.join(workdir, "koalarization")
         meta = colorize.run(["--input", sample.val_tar, "--output", out, "--inception-weights", "random",
-                             "--val-fraction", "0.25", "--examples-per-file", "8", "--batch-size", "8",
+                             "--val-fraction", "0.35", "--examples-per-file", "8", "--batch-size", "8",
                              *beam_args])
         print(colorize.summary(meta))
         print("  (demo only: RANDOM Inception weights, the embeddings are meaningless)")
