@@ -12,7 +12,6 @@ same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Sequence
 
@@ -26,7 +25,7 @@ from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
 from imagebeam.transforms.lab_records import RECORD_FORMATS
 from imagebeam.transforms.lab_shards import (FILE_PREFIX, BucketCount, CheckDecode, FitParams, OrderedChunks,
                                               WriteRecordFiles, fit_chunk)
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.resize import FIT_MODES
 from imagebeam.transforms.sources import IndexInputs, ReadImages
 
@@ -162,8 +161,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     fileutil.ensure_dir(args.output)
     remove_previous_outputs(args.output)
     job_options.run_pipeline(build, pipeline_options, args)
-    with FileSystems.open(fileutil.join(args.output, "metadata.json")) as f:
-        meta = json.load(f)
+    meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("colorize finished: %s", meta["counts"])
     return meta
 

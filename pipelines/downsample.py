@@ -11,7 +11,6 @@ sums and writes the final files with it. Val: one `val_data` file in file-name o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Sequence
 
@@ -23,7 +22,7 @@ from imagebeam.transforms import fileutil
 from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, pieces_per_batch
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, write_metadata
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.rows import DecodeToRows, LabelMapFromIndex
 from imagebeam.transforms.sources import IndexInputs, ReadImages
@@ -130,11 +129,6 @@ def job_facts(args: argparse.Namespace, label_map) -> dict:
         facts.update(seed=args.seed, batches=args.batches, transform_fn="transform_fn",
                      mean="tft.mean over all train rows (float64), checked against exact float64 sums")
     return facts
-
-
-def read_json(path: str) -> dict:
-    with FileSystems.open(path) as f:
-        return json.load(f)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import posixpath
 from typing import Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.resize import FIT_MODES, fit
 from imagebeam.transforms.sources import Failure, ImageBlob, IndexInputs, ReadImages
 
@@ -119,8 +117,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("--size must be positive and --quality in 1..100")
     fileutil.ensure_dir(args.output)
     job_options.run_pipeline(build, pipeline_options, args)
-    with FileSystems.open(fileutil.join(args.output, "metadata.json")) as f:
-        meta = json.load(f)
+    meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("resize finished: %s", meta["counts"])
     return meta
 

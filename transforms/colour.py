@@ -98,18 +98,10 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return lab
 
 
-def normalise_lab(lab: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Lab (h, w, 3) -> (L' (h, w) in [-1, 1], ab' (h, w, 2)): L' = 2L/100 - 1, ab' = ab/127."""
-    lab = np.asarray(lab, dtype=np.float32)
-    l_norm = lab[..., 0] * np.float32(1.0 / L_SCALE) - np.float32(1.0)
-    ab_norm = lab[..., 1:] * np.float32(1.0 / AB_SCALE)
-    return l_norm, ab_norm
-
-
 def lab_target(rgb299: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """The record's colour target from the 299 RGB image: (L' (224, 224), ab' (224, 224, 2)), float32.
 
-    `normalise_lab(rgb_to_lab(...))` with the constants folded: L' = 2.32 fy - 1.32,
+    `rgb_to_lab` followed by L' = L/50 - 1, ab' = ab/127, with the constants folded: L' = 2.32 fy - 1.32,
     a' = 500/127 (fx - fy), b' = 200/127 (fy - fz).
     """
     f = _lab_f(resize_bilinear(rgb299, LAB_SIZE))

@@ -47,9 +47,14 @@ def atomic_writer(path: str) -> Iterator[BinaryIO]:
         with contextlib.suppress(Exception):
             FileSystems.delete([temp])
         raise
+    move_into_place(temp, path)
+
+
+def move_into_place(source: str, path: str) -> None:
+    """Rename a complete file to its final name, replacing what was there."""
     if FileSystems.exists(path):
         FileSystems.delete([path])
-    FileSystems.rename([temp], [path])
+    FileSystems.rename([source], [path])
 
 
 def write_atomically(path: str, data: bytes) -> str:

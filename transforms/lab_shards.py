@@ -26,7 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 from imagebeam.transforms import colour
 from imagebeam.transforms.batches import bucket_of, shuffle_key
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.fileutil import atomic_writer, join, write_atomically
+from imagebeam.transforms.fileutil import atomic_writer, join, move_into_place, write_atomically
 from imagebeam.transforms.lab_records import encode_example, frame_record
 from imagebeam.transforms.resize import fit
 from imagebeam.transforms.sources import Failure, ImageBlob, estimated_images
@@ -240,10 +240,7 @@ def concat_pieces(output: str, name: str, paths: Iterable[str], compression: str
     """
     paths = list(paths)
     if compression != "gzip" and len(paths) == 1:
-        target = join(output, name)
-        if FileSystems.exists(target):
-            FileSystems.delete([target])
-        FileSystems.rename(paths, [target])
+        move_into_place(paths[0], join(output, name))
         return
     with atomic_writer(join(output, name)) as out:
         deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None

@@ -102,6 +102,12 @@ def _metadata_writer(output: str, extra: dict, cleanup: tuple = ()) -> Callable:
     return write
 
 
+def read_json(path: str) -> dict:
+    """A JSON file (metadata.json) through Beam's filesystems."""
+    with FileSystems.open(path) as f:
+        return json.load(f)
+
+
 def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[dict],
                    cleanup: tuple = ()) -> dict:
     """Check the counts, remove temporaries, then write `output/metadata.json` (the job's last file)."""
