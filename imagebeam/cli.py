@@ -11,6 +11,8 @@ JOBS = {
     "downsample": ("imagebeam.pipelines.downsample", "ImageNet tars/folders -> Imagenet8/16/32/64 batches"),
     "colorize": ("imagebeam.pipelines.colorize",
                  "images -> koalarization Lab + Inception-ResNet-v2 TFRecords (SPEC §3)"),
+    "download": ("imagebeam.pipelines.download",
+                 "URL lists -> md5(url).jpeg files + manifest.jsonl (restartable, polite, deduplicated)"),
     "resize": ("imagebeam.pipelines.resize", "images -> 299x299 letterboxed image files (koalarization's resize)"),
     "demo": ("imagebeam.pipelines.demo", "build the bundled sample from real photos and run the jobs on it"),
 }

@@ -1,6 +1,6 @@
 """imagebeam colorize: images -> deep-koalarization's Lab + Inception-ResNet-v2 TFRecords (SPEC §3).
 
-    IndexInputs -> ReadImages -> CheckDecode -> OrderedChunks (seeded order, per bucket) -> Letterbox (299, white)
+    ReadInputs (tars, folders, or URL lists fetched) -> CheckDecode -> OrderedChunks (seeded order, per bucket) -> Letterbox (299, white)
         -> EmbedChunks (RunInference: grey -> [-1, 1] -> Inception-ResNet-v2 logits, one chunk per call)
         -> WriteRecordFiles (224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
     failures of every step -> failures.jsonl; counts + files -> metadata.json (written last)
@@ -18,6 +18,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil, inception
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
@@ -27,7 +28,7 @@ from imagebeam.transforms.lab_shards import (FILE_PREFIX, BucketCount, CheckDeco
                                               WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.resize import FIT_MODES
-from imagebeam.transforms.sources import IndexInputs, ReadImages
+from imagebeam.transforms.inputs import ReadInputs
 
 _LOG = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -38,7 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagebeam colorize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
-                   help="image folder, tar, or glob of tar shards (as for downsample); repeat for several")
+                   help="image folder, tar, glob of tar shards, or URL list (as for downsample); repeat for several")
     p.add_argument("--output", required=True, help="output folder (local or any Beam filesystem)")
     p.add_argument("--embedding", choices=EMBEDDINGS, default="inception_resnet_v2",
                    help="'none' writes records without image_embedding (the CPU side alone)")
@@ -67,10 +68,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="shuffle buckets per split (default: about one per 512 images)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--exif-transpose", action="store_true")
+    network_options.add_arguments(p)
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
+    network_options.fetch_config(args)
     if args.batch_size < 1 or args.examples_per_file < 1:
         raise SystemExit("--batch-size and --examples-per-file must be at least 1")
     if not 0.0 <= args.val_fraction < 1.0:
@@ -84,9 +87,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     staging = fileutil.join(args.output, STAGING)
-    indexed = p | "IndexInputs" >> IndexInputs(args.input)
-    n_buckets = indexed | "BucketCount" >> BucketCount(args.buckets)
-    blobs, read_failures = indexed | "ReadImages" >> ReadImages()
+    inputs = p | "ReadInputs" >> ReadInputs(args.input, network_options.fetch_config(args),
+                                            network_options.list_columns(args))
+    n_buckets = inputs.estimates | "BucketCount" >> BucketCount(args.buckets)
+    blobs, read_failures = inputs.blobs, inputs.failures
     params = FitParams(args.mode, args.max_pixels, args.exif_transpose)
     items, decode_failures = blobs | "CheckDecode" >> CheckDecode(n_buckets, args.seed, args.val_fraction, params)
     chunks = (items

@@ -1,6 +1,6 @@
 """imagebeam downsample: ImageNet tars, tar shards or folders -> Imagenet8/16/32/64 batch files (SPEC §2).
 
-    phase 1: IndexInputs -> ReadImages -> DecodeResize -> Shuffle (into key buckets) -> WriteBatches
+    phase 1: ReadInputs (tars, folders, or URL lists fetched) -> DecodeResize -> Shuffle (into key buckets) -> WriteBatches
              failures of every step -> WriteFailures; counts + files -> WriteMetadata
     phase 2 (train): staged batches -> AnalyzeMean (TFT) -> FinalizeBatches (+mean) -> metadata.json
 
@@ -17,6 +17,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, pieces_per_batch
@@ -24,8 +25,8 @@ from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
-from imagebeam.transforms.rows import DecodeToRows, LabelMapFromIndex
-from imagebeam.transforms.sources import IndexInputs, ReadImages
+from imagebeam.transforms.inputs import ReadInputs
+from imagebeam.transforms.rows import DecodeToRows, LabelMapFromKeys
 from imagebeam.transforms.stats import AnalyzeMean
 
 _LOG = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagebeam downsample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
-                   help="ILSVRC2012_img_train.tar, a val/flat tar, a glob of tar shards, or an image folder "
-                        "(root/<class>/*.jpg or flat); repeat for several")
+                   help="ILSVRC2012_img_train.tar, a val/flat tar, a glob of tar shards, an image folder "
+                        "(root/<class>/*.jpg or flat), or a URL list (fetched, nothing stored); repeat for several")
     p.add_argument("--output", required=True, help="output folder (local or any Beam filesystem, e.g. gs://)")
     p.add_argument("--split", choices=("train", "val"), default="train")
     p.add_argument("--size", type=int, choices=SIZES, default=32)
@@ -53,10 +54,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="images declaring more pixels are refused as decompression bombs")
     p.add_argument("--exif-transpose", action="store_true",
                    help="apply EXIF orientation (off by default: the reference resizer ignores it)")
+    network_options.add_arguments(p)
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
+    network_options.fetch_config(args)
     if args.batches < 1:
         raise SystemExit("--batches must be at least 1")
     for path in (args.devkit, args.class_map):
@@ -79,9 +82,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     train = args.split == "train"
     label_map = load_label_map(args.devkit, args.class_map)
 
-    indexed = p | "IndexInputs" >> IndexInputs(args.input)
-    labels = label_map if label_map is not None else indexed | "ClassesFromIndex" >> LabelMapFromIndex()
-    blobs, read_failures = indexed | "ReadImages" >> ReadImages()
+    inputs = p | "ReadInputs" >> ReadInputs(args.input, network_options.fetch_config(args),
+                                            network_options.list_columns(args))
+    labels = label_map if label_map is not None else inputs.class_keys | "LabelMap" >> LabelMapFromKeys()
+    blobs, read_failures = inputs.blobs, inputs.failures
     rows, decode_failures = blobs | "DecodeResize" >> DecodeToRows(
         labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose)
 

@@ -6,9 +6,10 @@ the bytes. Everything here is a pure function, usable and tested without a pipel
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from typing import Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,23 +36,35 @@ def open_image(
     `draft_size` asks libjpeg for DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale that is
     still at least that size: the `--fast-decode` path. It is ignored for non-JPEG images.
     """
+    with _decoding(data):
+        img = _open_checked(data, max_pixels)
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
+        img.load()
+    return img
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open (header only), refusing decompression bombs and empty images before any decoding."""
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width * height > max_pixels:
+        raise DecodeError(f"decompression bomb: {width}x{height} = {width * height} pixels "
+                          f"exceeds the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    return img
+
+
+@contextlib.contextmanager
+def _decoding(data: bytes) -> Iterator[None]:
+    """Turn whatever Pillow raises while reading `data` into a DecodeError with a reason users read."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"decompression bomb: {width}x{height} = {width * height} pixels "
-                    f"exceeds the limit of {max_pixels}"
-                )
-            if width == 0 or height == 0:
-                raise DecodeError(f"image has no pixels ({width}x{height})")
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", draft_size)
-            img.load()
+            yield
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -64,7 +77,6 @@ def open_image(
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise DecodeError(f"{kind} image data: {exc}") from None
-    return img
 
 
 def to_rgb(img: Image.Image, *, exif_transpose: bool = False) -> Image.Image:
@@ -123,3 +135,36 @@ def _describe_head(data: bytes) -> str:
     if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml")):
         return "looks like HTML/XML"
     return f"{len(data)} bytes starting {head[:8].hex()}"
+
+
+# Pillow format name -> the extension a downloaded file is stored under.
+EXTENSIONS = {"JPEG": ".jpeg", "MPO": ".jpeg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
+              "TIFF": ".tiff", "ICO": ".ico", "PPM": ".ppm", "JPEG2000": ".jp2", "AVIF": ".avif"}
+
+
+class ImageFacts(NamedTuple):
+    """What a validated image is: its format (Pillow's name), size and the extension to store it under."""
+    format: str
+    width: int
+    height: int
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS.get(self.format, "." + self.format.lower())
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = True) -> ImageFacts:
+    """Identify an image by content and, with `full_decode`, decode all of it (catching truncation).
+
+    The size is the one the header declares. JPEGs are decoded at 1/8 scale (libjpeg DCT scaling): every
+    entropy-coded byte is still read, so a truncated or corrupt file fails, at a fraction of the cost.
+    Raises DecodeError with the reason.
+    """
+    with _decoding(data):
+        img = _open_checked(data, max_pixels)
+        facts = ImageFacts(img.format or "unknown", *img.size)
+        if full_decode:
+            if img.format == "JPEG":
+                img.draft(None, (1, 1))
+            img.load()
+    return facts

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import Callable, Iterator, BinaryIO
+import zlib
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -67,3 +68,26 @@ def write_with(path: str, writer: Callable[[BinaryIO], None]) -> str:
     with atomic_writer(path) as f:
         writer(f)
     return path
+
+
+_COPY_BLOCK = 16 << 20
+
+
+def concat_files(path: str, sources: Iterable[str], compression: str = "none") -> None:
+    """Write `path` as the concatenation of `sources` (record pieces, manifest pieces), optionally gzip.
+
+    Gzip is one deflate stream (zlib, no file name, mtime 0): the same input gives the same bytes.
+    A single uncompressed source is renamed into place instead of copied.
+    """
+    sources = list(sources)
+    if compression != "gzip" and len(sources) == 1:
+        move_into_place(sources[0], path)
+        return
+    with atomic_writer(path) as out:
+        deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
+        for source in sources:
+            with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+                while block := src.read(_COPY_BLOCK):
+                    out.write(deflate.compress(block) if deflate else block)
+        if deflate:
+            out.write(deflate.flush())

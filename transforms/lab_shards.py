@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-import zlib
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms import colour
 from imagebeam.transforms.batches import bucket_of, shuffle_key
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.fileutil import atomic_writer, join, move_into_place, write_atomically
+from imagebeam.transforms.fileutil import concat_files, join, write_atomically
 from imagebeam.transforms.lab_records import encode_example, frame_record
 from imagebeam.transforms.resize import fit
-from imagebeam.transforms.sources import Failure, ImageBlob, estimated_images
+from imagebeam.transforms.sources import Failure, ImageBlob
 
 TRAIN, VAL = "train", "val"
 FILE_PREFIX = {TRAIN: "lab_images", VAL: "val_lab_images"}
@@ -159,19 +156,17 @@ def fit_chunk(chunk: Chunk, params: FitParams) -> FittedChunk:
 
 
 class BucketCount(beam.PTransform):
-    """Indexed work units -> singleton: buckets for about IMAGES_PER_BUCKET images each (or `fixed`).
-
-    Known from the index alone, before any image is read, so decoding never waits for it.
+    """Estimated images per work unit -> singleton: buckets for about IMAGES_PER_BUCKET images each
+    (or `fixed`). Known from the index alone, before any image is read, so decoding never waits for it.
     """
 
     def __init__(self, fixed: Optional[int] = None):
         super().__init__()
         self._fixed = fixed
 
-    def expand(self, indexed):
+    def expand(self, estimates):
         fixed = self._fixed
-        return (indexed
-                | "EstimateImages" >> beam.Map(estimated_images)
+        return (estimates
                 | "TotalImages" >> beam.CombineGlobally(sum)
                 | "Buckets" >> beam.Map(lambda n: fixed if fixed else buckets_for(n)))
 
@@ -229,29 +224,6 @@ class _WritePiecesFn(beam.DoFn):
             yield (chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start)
 
 
-_COPY_BLOCK = 16 << 20
-
-
-def concat_pieces(output: str, name: str, paths: Iterable[str], compression: str) -> None:
-    """Write `name` as the concatenation of the pieces (TFRecords concatenate), gzip-compressed or not.
-
-    Gzip is one deflate stream (zlib, no file name, mtime 0): the same records give the same bytes.
-    A single uncompressed piece is renamed into place instead of copied.
-    """
-    paths = list(paths)
-    if compression != "gzip" and len(paths) == 1:
-        move_into_place(paths[0], join(output, name))
-        return
-    with atomic_writer(join(output, name)) as out:
-        deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
-        for path in paths:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src:
-                while block := src.read(_COPY_BLOCK):
-                    out.write(deflate.compress(block) if deflate else block)
-        if deflate:
-            out.write(deflate.flush())
-
-
 class WriteRecordFiles(beam.PTransform):
     """(FittedChunk, embeddings or None) -> `lab_images_K.tfrecord` / `val_lab_images_K.tfrecord` files.
 
@@ -273,7 +245,7 @@ class WriteRecordFiles(beam.PTransform):
             (split, file_index), pieces = element
             ordered = sorted(pieces)
             name = record_file_name(split, file_index)
-            concat_pieces(output, name, [p[2] for p in ordered], compression)
+            concat_files(join(output, name), [p[2] for p in ordered], compression)
             return {"file": name, "rows": sum(p[3] for p in ordered), "split": split}
 
         return (chunks_with_embeddings

@@ -1,7 +1,7 @@
 """ImageBlob -> labelled Imagenet32-style rows, failures as a tagged output.
 
 Labelling runs before decoding so an unknown class costs no decode. With no label map given, labels are
-1 + the index of the sorted class keys of everything indexed (failed images included, so a bad file
+1 + the index of the sorted class keys of everything indexed or listed (failed images included, so a bad file
 never renumbers the classes).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from apache_beam import pvalue
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.labels import LabelError, LabelMap, sorted_class_map
 from imagebeam.transforms.resize import fast_draft_size, planar_row, squash
-from imagebeam.transforms.sources import Failure, ImageBlob, class_keys
+from imagebeam.transforms.sources import Failure, ImageBlob
 
 FAILURES = "failures"
 
@@ -53,14 +53,13 @@ class _DecodeResizeFn(beam.DoFn):
         yield Row(blob.name, blob.source, label, pixels)
 
 
-class LabelMapFromIndex(beam.PTransform):
-    """The sorted-class label map from the index (no devkit, no class map): classes are known from
-    member tar names and paths before any image is read, so decoding never waits for the reading."""
+class LabelMapFromKeys(beam.PTransform):
+    """The sorted-class label map (no devkit, no class map) from class keys known before any image is
+    read (member tar names, paths, URL list labels), so decoding never waits for the reading."""
 
-    def expand(self, indexed):
+    def expand(self, keys):
         return (
-            indexed
-            | "ClassKeys" >> beam.FlatMap(class_keys).with_output_types(str)
+            keys
             | "DistinctClasses" >> beam.Distinct()
             | "SortedMap" >> beam.combiners.ToList()
             | "BuildMap" >> beam.Map(sorted_class_map)

@@ -1,0 +1,410 @@
+"""Downloading URL lists in Beam: concurrent fetching per worker, the manifest, resume and dedupe.
+
+Two uses share one DoFn:
+- `FetchImages`, a source inside downsample/colorize: URL entries -> ImageBlobs (kept in memory) and
+  Failures, so one pipeline goes from a URL list to records;
+- the `download` job: files `DIR/md5(url).ext` written atomically, one manifest record per URL, a
+  journal of finished records flushed every few seconds so a killed run resumes without refetching.
+
+Every record has the same keys: url, status, reason, bytes, sha256, width, height, file, key, label
+(plus duplicate_of for duplicates). Statuses: ok, http_NNN, timeout, connection, not_image, too_large,
+too_small, placeholder, duplicate, blocked, robots.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from imagebeam.transforms.decode import DecodeError, probe_image
+from imagebeam.transforms.fetch import FetchConfig, Fetcher, is_transient
+from imagebeam.transforms.fileutil import join, write_atomically
+from imagebeam.transforms.sources import Failure, ImageBlob
+from imagebeam.transforms.url_lists import UrlEntry, url_md5
+
+RECORD_KEYS = ("url", "status", "reason", "bytes", "sha256", "width", "height", "file", "key", "label")
+JOURNAL = ".journal"
+JOURNAL_EVERY_S = 2.0
+JOURNAL_EVERY_RECORDS = 500
+
+
+class Downloaded(NamedTuple):
+    """A URL's manifest record, its bytes when kept in memory (source mode), and what it cost."""
+    entry: UrlEntry
+    record: dict
+    data: Optional[bytes] = None
+    attempts: int = 0
+    throttled: float = 0.0
+
+
+def make_record(entry: UrlEntry, status: str, reason: Optional[str] = None, data: Optional[bytes] = None,
+                width: Optional[int] = None, height: Optional[int] = None, file: Optional[str] = None) -> dict:
+    return {"url": entry.url, "status": status, "reason": reason or None,
+            "bytes": None if data is None else len(data),
+            "sha256": None if data is None else hashlib.sha256(data).hexdigest(),
+            "width": width, "height": height, "file": file, "key": entry.key, "label": entry.label}
+
+
+def entry_order(entry: UrlEntry) -> tuple:
+    """A total order on entries (fields may be None): which of a URL's repeated lines is kept."""
+    return tuple("" if value is None else value for value in entry)
+
+
+def record_line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def check_image(entry: UrlEntry, data: bytes, config: FetchConfig, full_decode: bool) -> Tuple[dict, Optional[str]]:
+    """Classify fetched bytes: (record, file extension) with status ok, placeholder, not_image, too_large
+    (a decompression bomb) or too_small. The record's `file` is left for the caller."""
+    record = make_record(entry, "ok", data=data)
+    if record["sha256"] in config.placeholders:
+        record.update(status="placeholder", reason="a known placeholder image (--placeholders)")
+        return record, None
+    try:
+        facts = probe_image(data, max_pixels=config.max_pixels, full_decode=full_decode)
+    except DecodeError as exc:
+        status = "too_large" if str(exc).startswith("decompression bomb") else "not_image"
+        record.update(status=status, reason=str(exc))
+        return record, None
+    record.update(width=facts.width, height=facts.height)
+    if min(facts.width, facts.height) < config.min_size:
+        record.update(status="too_small", reason=f"{facts.width}x{facts.height} is below --min-size {config.min_size}")
+        return record, None
+    return record, facts.extension
+
+
+def download_one(entry: UrlEntry, fetcher: Fetcher, output_dir: Optional[str], existing: Optional[str] = None,
+                 full_decode: bool = True) -> Downloaded:
+    """Fetch, validate and (with `output_dir`) store one URL. Never raises for a bad URL or response.
+
+    `existing`: a file already in `output_dir` for this URL (an earlier run finished it but its record
+    was lost): it is validated and recorded instead of fetched.
+    """
+    config = fetcher.config
+    if entry.problem:
+        return Downloaded(entry, make_record(entry, "blocked", entry.problem))
+    if existing and output_dir:
+        path = join(output_dir, existing)
+        with FileSystems.open(path) as f:
+            data = f.read()
+        record, extension = check_image(entry, data, config, full_decode)
+        if record["status"] == "ok" and existing == url_md5(entry.url) + extension:
+            record["file"] = existing
+            return Downloaded(entry, record)
+        FileSystems.delete([path])  # not what this run would keep: fetch again
+    fetched = fetcher.fetch(entry.url)
+    if fetched.status != "ok":
+        return Downloaded(entry, make_record(entry, fetched.status, fetched.reason), None,
+                          fetched.attempts, fetched.throttled)
+    record, extension = check_image(entry, fetched.data, config, full_decode)
+    data = fetched.data
+    if record["status"] == "ok":
+        record["file"] = url_md5(entry.url) + extension
+        if output_dir:
+            write_atomically(join(output_dir, record["file"]), data)
+            data = None
+    else:
+        data = None
+    return Downloaded(entry, record, data, fetched.attempts, fetched.throttled)
+
+
+class Journal:
+    """Finished records, flushed to `DIR/.journal/part-*.jsonl` every few seconds (thread-safe)."""
+
+    def __init__(self, directory: str):
+        self._dir, self._lines, self._lock = directory, [], threading.Lock()
+        self._last = time.monotonic()
+        self._prefix = uuid.uuid4().hex
+        self._parts = 0
+
+    def add(self, record: dict) -> None:
+        with self._lock:
+            self._lines.append(record_line(record))
+            if len(self._lines) >= JOURNAL_EVERY_RECORDS or time.monotonic() - self._last >= JOURNAL_EVERY_S:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._last = time.monotonic()
+        if not self._lines:
+            return
+        self._parts += 1
+        write_atomically(join(self._dir, f"part-{self._prefix}-{self._parts:06d}.jsonl"),
+                         "".join(self._lines).encode("utf-8"))
+        self._lines = []
+
+
+class FetchFn(beam.DoFn):
+    """(UrlEntry, existing file or None) -> Downloaded, `config.threads` downloads in flight per worker.
+
+    Results are emitted as they complete; the rest at the end of the bundle. Counters: download/ok,
+    download/failed_<status>, download/bytes, download/throttled_ms, download/retries.
+    """
+
+    def __init__(self, config: FetchConfig, output_dir: Optional[str] = None, full_decode: bool = True):
+        self._config, self._output, self._full_decode = config, output_dir, full_decode
+        self._bytes = beam.metrics.Metrics.counter("download", "bytes")
+        self._throttled = beam.metrics.Metrics.counter("download", "throttled_ms")
+        self._retries = beam.metrics.Metrics.counter("download", "retries")
+
+    def setup(self):
+        self._fetcher = Fetcher(self._config)
+        self._pool = futures.ThreadPoolExecutor(self._config.threads, thread_name_prefix="fetch")
+
+    def start_bundle(self):
+        self._pending = set()
+        self._journal = Journal(join(self._output, JOURNAL)) if self._output else None
+
+    def _work(self, entry: UrlEntry, existing: Optional[str]) -> Downloaded:
+        result = download_one(entry, self._fetcher, self._output, existing, self._full_decode)
+        if self._journal is not None:
+            self._journal.add(result.record)
+        return result
+
+    def _count(self, result: Downloaded) -> Downloaded:
+        status = result.record["status"]
+        beam.metrics.Metrics.counter("download", "ok" if status == "ok" else f"failed_{status}").inc()
+        self._bytes.inc(result.record["bytes"] or 0)
+        self._throttled.inc(int(result.throttled * 1000))
+        self._retries.inc(max(0, result.attempts - 1))
+        return result
+
+    def process(self, element):
+        entry, existing = element if isinstance(element, tuple) and not isinstance(element, UrlEntry) else (element, None)
+        self._pending.add(self._pool.submit(self._work, entry, existing))
+        limit = 2 * self._config.threads
+        block = len(self._pending) >= limit
+        while self._pending:
+            done, self._pending = futures.wait(self._pending, timeout=None if block else 0,
+                                               return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                yield self._count(future.result())
+            if len(self._pending) < limit:
+                break
+            block = True
+
+    def finish_bundle(self):
+        done, self._pending = futures.wait(self._pending), set()
+        for future in done.done:
+            yield WindowedValue(self._count(future.result()), MIN_TIMESTAMP, [GlobalWindow()])
+        if self._journal is not None:
+            self._journal.flush()
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- source mode: URL list -> ImageBlobs ---------------------------------------------------------------
+
+def first_of_each_url(element) -> Iterator:
+    """(url, entries) -> the first entry (to fetch), and a Failure for every repeat of the URL."""
+    url, entries = element
+    entries = sorted(entries, key=entry_order)
+    yield entries[0]
+    for repeat in entries[1:]:
+        yield pvalue.TaggedOutput("repeats", Failure(repeat.source, url, f"repeated URL: listed {len(entries)} "
+                                                                         "times, fetched once"))
+
+
+def to_blob(result: Downloaded):
+    """ok -> ImageBlob named by its key or file name; anything else -> Failure (tagged)."""
+    record, entry = result.record, result.entry
+    if record["status"] == "ok":
+        return [ImageBlob(entry.source, entry.url, entry.key or record["file"], entry.label, result.data)]
+    reason = f"{record['status']}: {record['reason'] or ''}".rstrip(": ")
+    return [pvalue.TaggedOutput("failures", Failure(entry.source, entry.url, reason))]
+
+
+class FetchImages(beam.PTransform):
+    """UrlEntry -> (ImageBlob, Failure): a URL list as an image source (nothing stored on disk).
+
+    Each URL is fetched once (repeats become failures, so every listed line is accounted for); the
+    image's name is its key (fall11 id, --key-column) or `md5(url).ext`, its class the entry's label.
+    """
+
+    def __init__(self, config: FetchConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, entries):
+        firsts = (entries
+                  | "KeyByUrl" >> beam.Map(lambda e: (e.url, e))
+                  | "GroupUrl" >> beam.GroupByKey()
+                  | "FirstOfEach" >> beam.FlatMap(first_of_each_url).with_outputs("repeats", main="first"))
+        out = (firsts.first
+               | "Fetch" >> beam.ParDo(FetchFn(self._config, None, full_decode=False))
+               | "ToBlobs" >> beam.FlatMap(to_blob).with_outputs("failures", main="blobs"))
+        failures = (out.failures, firsts.repeats) | "FetchFailures" >> beam.Flatten()
+        return out.blobs, failures
+
+
+# --- download job: plan, dedupe, manifest --------------------------------------------------------------
+
+def best_previous(records: Iterable[Tuple[int, dict]]) -> Optional[dict]:
+    """The record an earlier run left for a URL: final beats transient, the manifest beats the journal.
+
+    `records` are (origin, record) with origin 0 for manifest.jsonl and 1 for journal parts.
+    """
+    ranked = sorted(records, key=lambda r: (is_transient(r[1]["status"]), r[0], record_line(r[1])))
+    return ranked[0][1] if ranked else None
+
+
+def plan_url(element) -> Iterator:
+    """md5 -> {entries, previous, files}: keep the earlier record, or fetch (with a file to check).
+
+    An earlier run's URL that is no longer listed is left alone (no entries: nothing is emitted).
+    """
+    _, groups = element
+    entries = sorted(groups["entries"], key=entry_order)
+    if len(entries) > 1:
+        yield pvalue.TaggedOutput("repeated", len(entries) - 1)
+    previous = best_previous(groups["previous"])
+    files = sorted(groups["files"])
+    if entries:
+        if previous is not None and _finished(previous, files):
+            yield pvalue.TaggedOutput("kept", previous)
+        else:
+            yield entries[0], (files[0] if files else None)
+
+
+def _finished(record: dict, files: List[str]) -> bool:
+    """A final record: a permanent failure, a duplicate, or ok with its file still there."""
+    return not is_transient(record["status"]) and (record["status"] != "ok" or record["file"] in files)
+
+
+def resolve_duplicates(element) -> List[dict]:
+    """sha256 -> records with that content: the first URL keeps its file, the others are duplicates.
+
+    A duplicate that had stored its own copy is marked `_delete` (the manifest writer removes the file).
+    """
+    _, records = element
+    records = sorted(records, key=lambda r: r["url"])
+    holders = [r for r in records if r["status"] == "ok"]
+    if not holders:
+        return records
+    winner, out = holders[0], [holders[0]]
+    for record in records:
+        if record is winner:
+            continue
+        duplicate = dict(record, status="duplicate", reason=f"same content as {winner['url']}",
+                         file=winner["file"], duplicate_of=winner["url"])
+        if record["status"] == "ok" and record["file"] != winner["file"]:
+            duplicate["_delete"] = record["file"]
+        out.append(duplicate)
+    return out
+
+
+def manifest_bucket(record: dict, buckets: int = 64) -> int:
+    return int(url_md5(record["url"])[:4], 16) * buckets >> 16
+
+
+class _WritePieceFn(beam.DoFn):
+    """(bucket, records) -> one sorted piece of the manifest; deletes the files duplicates gave up."""
+
+    def __init__(self, output: str, pieces: str):
+        self._output, self._pieces = output, pieces
+
+    def process(self, element):
+        bucket, records = element
+        records = sorted(records, key=lambda r: (url_md5(r["url"]), r["url"]))
+        doomed = [join(self._output, r.pop("_delete")) for r in records if "_delete" in r]
+        existing = [p for p in doomed if FileSystems.exists(p)]
+        if existing:
+            FileSystems.delete(existing)
+        path = join(self._pieces, f"piece-{bucket:05d}.jsonl")
+        write_atomically(path, "".join(record_line(r) for r in records).encode("utf-8"))
+        yield {"bucket": bucket, "path": path, "statuses": dict(Counter(r["status"] for r in records))}
+
+
+class WriteManifestPieces(beam.PTransform):
+    """Final records -> sorted manifest pieces, one per bucket of URL md5s (never all in one worker).
+
+    Emits {"bucket", "path", "statuses"}; `finish` concatenates the pieces in bucket order.
+    """
+
+    def __init__(self, output: str, pieces: str):
+        super().__init__()
+        self._output, self._pieces = output, pieces
+
+    def expand(self, records):
+        return (records
+                | "KeyByBucket" >> beam.Map(lambda r: (manifest_bucket(r), r))
+                | "GroupBucket" >> beam.GroupByKey()
+                | "WritePiece" >> beam.ParDo(_WritePieceFn(self._output, self._pieces)))
+
+
+def read_records(path: str) -> Iterator[dict]:
+    """The JSON lines of a manifest or journal part (a torn last line of a killed writer is skipped)."""
+    with FileSystems.open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "url" in record and "status" in record:
+                yield record
+
+
+def previous_record_paths(output: str) -> List[Tuple[int, str]]:
+    """(origin, path) of what earlier runs left: 0 = manifest.jsonl, 1 = journal parts."""
+    paths = []
+    manifest = join(output, "manifest.jsonl")
+    if FileSystems.exists(manifest):
+        paths.append((0, manifest))
+    for result in FileSystems.match([join(output, JOURNAL, "part-*.jsonl")]):
+        paths += [(1, m.path) for m in sorted(result.metadata_list, key=lambda m: m.path)]
+    return paths
+
+
+def keyed_previous_records(origin: int, path: str) -> Iterator[Tuple[str, Tuple[int, dict]]]:
+    for record in read_records(path):
+        yield url_md5(record["url"]), (origin, record)
+
+
+class PreviousRecords(beam.PTransform):
+    """(md5, (origin, record)) from what earlier runs left in `output` (manifest.jsonl, journal parts)."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self._output = output
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Paths" >> beam.Create(previous_record_paths(self._output))
+                | "Spread" >> beam.Reshuffle()
+                | "Records" >> beam.FlatMapTuple(keyed_previous_records))
+
+
+def downloaded_files(output: str) -> Iterator[Tuple[str, str]]:
+    """(md5, file name) of every stored download in `output` (names are md5(url) + extension)."""
+    for result in FileSystems.match([join(output, "*")]):
+        for meta in result.metadata_list:
+            name = meta.path.rstrip("/").rsplit("/", 1)[-1]
+            stem = name.split(".", 1)[0]
+            if len(stem) == 32 and all(c in "0123456789abcdef" for c in stem) and "." in name:
+                yield stem, name
+
+
+def merge_statuses(pieces: List[dict]) -> Dict[str, int]:
+    total: Counter = Counter()
+    for piece in pieces:
+        total.update(piece["statuses"])
+    return dict(sorted(total.items()))

@@ -1,0 +1,231 @@
+"""URL lists as a Beam source: text (SPEC §3), CSV, JSON lines and Parquet, read split-wise.
+
+Text lists: `#` comments and blank lines are skipped and the URL is the last whitespace-separated token,
+so ImageNet's `fall11_urls.txt` (`n00004475_6590<TAB>http://...`) keeps its first token as the image key
+and the WNID as the label. Tables name their columns (`--url-column`, `--key-column`, `--label-column`).
+Plain and gzip text, CSV and JSON lines go through `ReadFromText`, Parquet through `ReadFromParquet`:
+large files are split across workers (gzip streams through one) and never loaded whole. A `.tgz`
+holding a list is streamed by one worker, then spread out.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import tarfile
+from typing import Iterator, List, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io.filesystems import FileSystems
+
+_FALL11_KEY = re.compile(r"^(n\d{8})_\d+$")
+MAX_URL_CHARS = 4096  # a longer "URL" is garbage; it is recorded cut to this length
+
+TEXT_SUFFIXES = (".txt", ".tsv", ".lst", ".urls")
+TABLE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+COMPRESSED = (".gz", ".bz2", ".deflate", ".zst", ".lzma", ".xz")
+TGZ_SUFFIXES = (".tgz", ".tar.gz")
+
+
+class UrlEntry(NamedTuple):
+    """One listed URL. `problem` is set for a line that holds no usable URL (it is recorded, not dropped)."""
+    url: str
+    key: Optional[str] = None      # image key (fall11 id, --key-column)
+    label: Optional[str] = None    # class (fall11 WNID, --label-column)
+    source: str = ""               # the list it came from
+    problem: Optional[str] = None
+
+
+def url_md5(url: str) -> str:
+    """The download's file stem (SPEC §3: md5 of the URL as written in the list)."""
+    return hashlib.md5(url.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _strip_compression(path: str) -> str:
+    lower = path.lower()
+    for suffix in COMPRESSED:
+        if lower.endswith(suffix):
+            return lower[: -len(suffix)]
+    return lower
+
+
+def list_format(path: str) -> Optional[str]:
+    """'text' | 'csv' | 'jsonl' | 'parquet' | 'tgz' for a URL list path or glob, None otherwise.
+
+    A `.tgz` is only a list when it holds text files (ImageNet ships `imagenet_fall11_urls.tgz`);
+    image shards are `.tgz` too, so that is decided by `tgz_holds_list`.
+    """
+    lower = path.lower()
+    if lower.endswith(TGZ_SUFFIXES):
+        return "tgz"
+    bare = _strip_compression(path)
+    if bare.endswith(TEXT_SUFFIXES):
+        return "text"
+    for suffix, kind in TABLE_SUFFIXES.items():
+        if bare.endswith(suffix):
+            return kind
+    return None
+
+
+def tgz_holds_list(path: str) -> bool:
+    """True when the first regular member of a compressed tar is a text list."""
+    try:
+        with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for info in tar:
+                if info.isfile():
+                    return list_format(info.name) == "text"
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return False
+
+
+def is_url_list(path: str) -> bool:
+    kind = list_format(path)
+    if kind == "tgz":
+        matched = [m.path for r in FileSystems.match([path]) for m in r.metadata_list] if any(
+            c in path for c in "*?[") else [path]
+        return bool(matched) and tgz_holds_list(matched[0])
+    return kind is not None
+
+
+# --- parsing, one line or record at a time (pure) -------------------------------------------------------
+
+def _clean(url: str, entry: UrlEntry) -> UrlEntry:
+    if len(url) > MAX_URL_CHARS:
+        return entry._replace(url=url[:MAX_URL_CHARS], problem=f"not a URL: {len(url)} characters long")
+    return entry._replace(url=url)
+
+
+def parse_text_line(line, source: str = "") -> Optional[UrlEntry]:
+    """A list line -> UrlEntry, or None for blank lines and `#` comments."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    text = line.strip().lstrip("\ufeff")
+    if not text or text.startswith("#"):
+        return None
+    tokens = text.split()
+    key = tokens[0] if len(tokens) > 1 else None
+    match = _FALL11_KEY.match(key) if key else None
+    return _clean(tokens[-1], UrlEntry("", key, match.group(1) if match else None, source))
+
+
+def parse_record(record: dict, url_column: str, key_column: Optional[str], label_column: Optional[str],
+                 source: str = "") -> UrlEntry:
+    """A table row (CSV, JSON line, Parquet) -> UrlEntry."""
+    def text(column: Optional[str]) -> Optional[str]:
+        if not column:
+            return None
+        value = record.get(column)
+        return None if value is None or value == "" else str(value).strip()
+
+    url = text(url_column)
+    if url is None:
+        shown = json.dumps(record, default=str, sort_keys=True)[:200]
+        return UrlEntry(shown, source=source, problem=f"no {url_column!r} value in the row")
+    return _clean(url, UrlEntry("", text(key_column), text(label_column), source))
+
+
+def parse_json_line(line, url_column: str, key_column: Optional[str], label_column: Optional[str],
+                    source: str = "") -> Optional[UrlEntry]:
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        return UrlEntry(line.strip()[:200], source=source, problem=f"not a JSON object: {exc}")
+    if not isinstance(record, dict):
+        return UrlEntry(line.strip()[:200], source=source, problem="not a JSON object")
+    return parse_record(record, url_column, key_column, label_column, source)
+
+
+def parse_csv_line(line, header: List[str], url_column: str, key_column: Optional[str],
+                   label_column: Optional[str], source: str = "") -> Optional[UrlEntry]:
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    if not line.strip():
+        return None
+    try:
+        values = next(csv.reader([line]))
+    except (csv.Error, StopIteration) as exc:
+        return UrlEntry(line.strip()[:200], source=source, problem=f"not a CSV row: {exc}")
+    return parse_record(dict(zip(header, values)), url_column, key_column, label_column, source)
+
+
+def csv_header(path: str) -> List[str]:
+    """The header row of a CSV list (the first file of a glob)."""
+    matched = sorted(m.path for r in FileSystems.match([path]) for m in r.metadata_list)
+    if not matched:
+        raise ValueError(f"--input {path!r} matches no file")
+    with FileSystems.open(matched[0]) as raw:
+        first = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="").readline()
+    return [h.strip().lstrip("\ufeff") for h in next(csv.reader([first]), [])]
+
+
+def stream_tgz_lines(path: str) -> Iterator[UrlEntry]:
+    """Every entry of the text lists inside a `.tgz`, streamed (never the whole list in memory)."""
+    with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile() or list_format(info.name) != "text":
+                continue
+            for line in tar.extractfile(info):  # bytes lines, decoded leniently by the parser
+                entry = parse_text_line(line, f"{path}/{info.name}")
+                if entry is not None:
+                    yield entry
+
+
+# --- the Beam source --------------------------------------------------------------------------------------
+
+class ReadUrlLists(beam.PTransform):
+    """List paths or globs -> UrlEntry PCollection, each list read by the reader its format allows."""
+
+    def __init__(self, inputs: List[str], url_column: str = "url", key_column: Optional[str] = None,
+                 label_column: Optional[str] = None):
+        super().__init__()
+        self._inputs = list(inputs)
+        self._columns = (url_column, key_column, label_column)
+
+    def expand(self, pbegin):
+        reads = [pbegin | f"List{i}" >> _ReadOneList(path, *self._columns) for i, path in enumerate(self._inputs)]
+        if len(reads) == 1:
+            return reads[0]
+        return tuple(reads) | "AllLists" >> beam.Flatten()
+
+
+class _ReadOneList(beam.PTransform):
+    def __init__(self, path: str, url_column: str, key_column: Optional[str], label_column: Optional[str]):
+        super().__init__()
+        self._path, self._cols = path, (url_column, key_column, label_column)
+
+    def expand(self, pbegin):
+        path, cols = self._path, self._cols
+        kind = list_format(path)
+        if kind == "parquet":
+            columns = [c for c in cols if c]
+            return (pbegin
+                    | "ReadParquet" >> beam.io.ReadFromParquet(path, columns=columns)
+                    | "Parse" >> beam.Map(parse_record, *cols, source=path))
+        if kind == "tgz":
+            return (pbegin
+                    | "Path" >> beam.Create([path])
+                    | "StreamTgz" >> beam.FlatMap(stream_tgz_lines)
+                    | "Spread" >> beam.Reshuffle())
+        skip = 1 if kind == "csv" else 0
+        lines = pbegin | "ReadLines" >> beam.io.ReadFromText(path, coder=coders.BytesCoder(),
+                                                             skip_header_lines=skip)
+        if kind == "csv":
+            parse = beam.FlatMap(lambda line, header: _some(parse_csv_line(line, header, *cols, source=path)),
+                                 csv_header(path))
+        elif kind == "jsonl":
+            parse = beam.FlatMap(lambda line: _some(parse_json_line(line, *cols, source=path)))
+        else:
+            parse = beam.FlatMap(lambda line: _some(parse_text_line(line, path)))
+        return lines | "Parse" >> parse
+
+
+def _some(entry: Optional[UrlEntry]) -> List[UrlEntry]:
+    return [] if entry is None else [entry]
