@@ -24,6 +24,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_downsample.py
 	$(BIN)/python tests/benchmarks/bench_colorize.py
+	$(BIN)/python tests/benchmarks/bench_download.py
 
 clean:
 	rm -rf demo-output .pytest_cache

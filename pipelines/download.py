@@ -132,7 +132,8 @@ def remove_leftovers(output: str) -> None:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Run the job and return the metadata it wrote."""
-    args, pipeline_options = job_options.parse(make_parser(), argv)
+    # Local runs use worker threads: the job is network I/O on FetchFn's own thread pool (see options).
+    args, pipeline_options = job_options.parse(make_parser(), argv, local_mode="multi_threading")
     network_options.fetch_config(args)  # fail on bad options before any pipeline starts
     fileutil.ensure_dir(args.output)
     remove_leftovers(args.output)

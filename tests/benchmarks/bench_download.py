@@ -1,0 +1,144 @@
+"""Benchmark of `imagebeam download` against a one-at-a-time downloader, side by side in one run.
+
+Workload: N distinct ImageNet-like JPEGs (random crops of the real photos scikit-image and scikit-learn
+ship, about 500x375, quality 90) served by `python -m imagebeam.http_fixture` in its own process on
+127.0.0.1 with LATENCY seconds added to every response. Every image is downloaded, validated by decoding
+and written to disk.
+
+1. sequential: the reference's approach, one URL at a time (urllib, 5 s timeout), each image decoded
+   with Pillow and written as md5(url).jpeg; measured on the first S URLs (it is slow by design);
+2. ours, the fetcher alone: `download_one` (the job's per-URL function) on a thread pool, in-process;
+3. ours, the job: `imagebeam download` as a command (local runner, one SDK worker per core), wall time
+   from start to finish including Beam's start-up and the manifest, and the download phase alone
+   (first to last file written).
+
+    python tests/benchmarks/bench_download.py [--n 2000] [--latency 0.1] [--sequential 150] [--threads 128]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
+
+from PIL import Image
+
+from imagebeam import sample as sample_lib
+from imagebeam.transforms.downloads import download_one
+from imagebeam.transforms.fetch import FetchConfig, Fetcher
+from imagebeam.transforms.url_lists import UrlEntry, url_md5
+
+
+def start_server(root: str, latency: float, workdir: str) -> tuple:
+    port_file = os.path.join(workdir, "port")
+    proc = subprocess.Popen([sys.executable, "-m", "imagebeam.http_fixture", "--root", root,
+                             "--latency", str(latency), "--port-file", port_file])
+    deadline = time.time() + 120
+    while not os.path.exists(port_file):
+        if time.time() > deadline or proc.poll() is not None:
+            raise RuntimeError("the photo server did not start")
+        time.sleep(0.05)
+    with open(port_file) as f:
+        return proc, int(f.read())
+
+
+def sequential(urls: List[str], out: str) -> float:
+    """One URL at a time, as the reference downloader: fetch, decode to validate, write."""
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = response.read()
+        Image.open(io.BytesIO(data)).load()
+        with open(os.path.join(out, hashlib.md5(url.encode()).hexdigest() + ".jpeg"), "wb") as f:
+            f.write(data)
+    return len(urls) / (time.perf_counter() - start)
+
+
+def fetcher_alone(urls: List[str], out: str, threads: int) -> float:
+    os.makedirs(out, exist_ok=True)
+    fetcher = Fetcher(FetchConfig(threads=threads, per_host=threads, allow_private_networks=True))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda u: download_one(UrlEntry(u), fetcher, out), urls))
+    rate = len(urls) / (time.perf_counter() - start)
+    bad = [r.record for r in results if r.record["status"] != "ok"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} downloads failed, e.g. {bad[0]}")
+    return rate
+
+
+def job(listing: str, out: str, threads: int) -> dict:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "imagebeam.cli", "download", "--input", listing, "--output", out,
+                    "--allow-private-networks", "--threads", str(threads), "--per-host", str(threads)],
+                   check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    with open(os.path.join(out, "metadata.json")) as f:
+        meta = json.load(f)
+    mtimes = sorted(os.stat(os.path.join(out, n)).st_mtime for n in os.listdir(out) if n.endswith(".jpeg"))
+    return {"wall": wall, "ok": meta["counts"]["ok"], "urls": meta["counts"]["urls"],
+            "download_phase": mtimes[-1] - mtimes[0] if len(mtimes) > 1 else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--latency", type=float, default=0.1)
+    ap.add_argument("--sequential", type=int, default=150, help="URLs for the sequential baseline")
+    ap.add_argument("--threads", type=int, default=128, help="threads (and per-host limit) per worker")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="bench-download-")
+    root = os.path.join(work, "served")
+    os.makedirs(root)
+    t = time.perf_counter()
+    sizes = []
+    for i, data in enumerate(sample_lib.imagenet_like_jpegs(args.n, seed=5)):
+        with open(os.path.join(root, f"img{i:05d}.jpg"), "wb") as f:
+            f.write(data)
+        sizes.append(len(data))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
+    print(f"workload: {args.n} distinct JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KiB, "
+          f"{args.latency * 1000:.0f} ms added latency per response (made in {time.perf_counter() - t:.1f} s)")
+    server, port = start_server(root, args.latency, work)
+    try:
+        urls = [f"http://127.0.0.1:{port}/img{i:05d}.jpg" for i in range(args.n)]
+        listing = os.path.join(work, "urls.txt")
+        with open(listing, "w") as f:
+            f.write("".join(f"{u}\n" for u in urls))
+
+        seq = sequential(urls[: args.sequential], os.path.join(work, "sequential"))
+        print(f"sequential, one at a time ({args.sequential} URLs):        {seq:8.1f} images/s")
+        alone = fetcher_alone(urls, os.path.join(work, "fetcher"), args.threads)
+        print(f"ours, fetcher on {args.threads} threads, in-process ({args.n}):  {alone:8.1f} images/s "
+              f"({alone / seq:.1f}x sequential)")
+        result = job(listing, os.path.join(work, "job"), args.threads)
+        end_to_end = result["ok"] / result["wall"]
+        phase = result["ok"] / result["download_phase"]
+        print(f"ours, imagebeam download, wall incl. start-up ({result['ok']}/{result['urls']} ok, "
+              f"{result['wall']:.1f} s): {end_to_end:8.1f} images/s ({end_to_end / seq:.1f}x sequential)")
+        print(f"ours, imagebeam download, download phase "
+              f"({result['download_phase']:.1f} s):         {phase:8.1f} images/s ({phase / seq:.1f}x sequential)")
+        check = [url_md5(u) + ".jpeg" for u in urls[:3]]
+        for name, i in zip(check, range(3)):
+            with open(os.path.join(work, "job", name), "rb") as a, open(os.path.join(root, f"img{i:05d}.jpg"), "rb") as b:
+                assert a.read() == b.read(), "stored bytes differ from the served ones"
+    finally:
+        server.terminate()
+        server.wait()
+        subprocess.run(["rm", "-rf", work])
+
+
+if __name__ == "__main__":
+    main()
