@@ -132,17 +132,20 @@ def remove_leftovers(output: str) -> None:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Run the job and return the metadata it wrote."""
-    # Local runs use worker threads: the job is network I/O on FetchFn's own thread pool (see options).
-    args, pipeline_options = job_options.parse(make_parser(), argv, local_mode="multi_threading")
+    # Local runs are in-process: the job is network I/O on FetchFn's own thread pool (see options).
+    args, pipeline_options = job_options.parse(make_parser(), argv, local_mode="in_memory")
     network_options.fetch_config(args)  # fail on bad options before any pipeline starts
     fileutil.ensure_dir(args.output)
     remove_leftovers(args.output)
     metadata = fileutil.join(args.output, "metadata.json")
     if FileSystems.exists(metadata):
         FileSystems.delete([metadata])  # present only once this run has finished
-    job_options.run_pipeline(build, pipeline_options, args)
+    found = job_options.run_pipeline(build, pipeline_options, args)
     meta = read_json(metadata)
     _LOG.info("download finished: %s", meta["counts"])
+    # Beam's counters of this run (runner-dependent, not in metadata.json): ok, failed_<status>, bytes,
+    # throttled_ms, retries.
+    meta["counters"] = {k.split(":", 1)[1]: v for k, v in found.items() if k.startswith("download:")}
     return meta
 
 
@@ -155,6 +158,11 @@ def summary(meta: dict) -> str:
     c = meta["counts"]
     failed = ", ".join(f"{k} {v}" for k, v in meta["statuses"].items() if k != "ok") or "none"
     rate = f"{100 * meta['success_rate']:.1f}%" if meta["success_rate"] is not None else "n/a"
-    return (f"download: {c['urls']} URLs ({c['listed']} listed, {c['repeated_lines']} repeated): ok {c['ok']} "
+    line = (f"download: {c['urls']} URLs ({c['listed']} listed, {c['repeated_lines']} repeated): ok {c['ok']} "
             f"({rate}), failed {c['failed']} [{failed}]; {c['kept_from_earlier_runs']} kept from earlier runs, "
             f"{c['processed_this_run']} processed now -> {meta['manifest']}")
+    counted = meta.get("counters")
+    if counted:
+        line += (f"\n  this run: {counted.get('bytes', 0) / 1e6:.1f} MB fetched, {counted.get('retries', 0)} retries, "
+                 f"{counted.get('throttled_ms', 0) / 1000:.1f} s waiting on host limits, Retry-After and backoff")
+    return line

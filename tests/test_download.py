@@ -21,7 +21,8 @@ from imagebeam.transforms.url_lists import url_md5
 pytestmark = pytest.mark.pipeline
 
 NET = ["--allow-private-networks", "--timeout", "0.5", "--retries", "2", "--backoff", "0.02",
-       "--max-bytes", "2000000", "--threads", "8", "--direct_num_workers", "2"]
+       "--max-bytes", "2000000", "--threads", "8"]
+PROCESSES = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,10 @@ def test_download_every_case_and_resume(server, photos, workdir):
     assert set(os.listdir(workdir)) == {"urls.txt", "placeholders.txt", "dl"}  # nothing written outside DIR
     assert server.requests("/slow.jpg") == 3 and server.requests("/flaky.jpg") == 2
     assert server.requests("/good1.jpg") == 1  # the repeated line was fetched once
+    # Beam counters: per status (before content dedupe), bytes, waiting
+    counted = meta["counters"]
+    assert counted["ok"] == len(served) + 1 and counted["failed_robots"] == 1 and counted["failed_blocked"] == 5
+    assert counted["bytes"] >= sum(len(d) for d in served.values()) and counted["throttled_ms"] >= 900
 
     # re-run: finished URLs are not fetched again, the transient timeout is retried
     before = {path: server.requests(path) for path in ("/good1.jpg", "/missing.jpg", "/page.jpg", "/noai.jpg",
@@ -142,8 +147,7 @@ def test_refused_by_default(server, photos, workdir):
                          [local, "file:///etc/passwd", "ftp://ftp.example.org/a.jpg",
                           "http://169.254.169.254/latest/meta-data/", "http://[::ffff:169.254.169.254]/"])
     out = os.path.join(workdir, "dl")
-    meta = download.run(["--input", listing, "--output", out, "--timeout", "0.5", "--retries", "0",
-                         "--direct_num_workers", "1"])
+    meta = download.run(["--input", listing, "--output", out, "--timeout", "0.5", "--retries", "0"])
     records = manifest(out)
     assert {r["status"] for r in records} == {"blocked"} and len(records) == 5
     assert "loopback" in {r["url"]: r for r in records}[local]["reason"]
@@ -157,7 +161,7 @@ def test_killed_download_resumes_without_refetching(photos, workdir):
         listing = write_list(os.path.join(workdir, "urls.txt"), urls)
         out = os.path.join(workdir, "dl")
         args = [sys.executable, "-m", "imagebeam.cli", "download", "--input", listing, "--output", out,
-                "--allow-private-networks", "--threads", "2", "--per-host", "2", "--direct_num_workers", "1"]
+                "--allow-private-networks", "--threads", "2", "--per-host", "2"]
         proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and len(glob.glob(os.path.join(out, ".journal", "part-*.jsonl"))) < 2:
@@ -183,7 +187,7 @@ def test_killed_download_resumes_without_refetching(photos, workdir):
         finished = journaled | stored
 
         meta = download.run(["--input", listing, "--output", out, "--allow-private-networks", "--threads", "8",
-                             "--per-host", "8", "--direct_num_workers", "2"])
+                             "--per-host", "8", *PROCESSES])
         counts = {u: server.requests(u[len(server.base_url):]) for u in urls}
     assert meta["counts"]["ok"] == 160 and meta["counts"]["kept_from_earlier_runs"] >= len(journaled)
     # finished URLs (journaled, or stored with the record lost) are never fetched again; the few that were
@@ -221,6 +225,13 @@ def test_list_formats_through_the_job(server, photos, workdir):
         args += ["--input", path]
     meta = download.run(args)
     by_url = {r["url"]: r for r in manifest(out)}
+    # the same bytes with two SDK worker processes instead of the in-process default
+    other = os.path.join(workdir, "dl2")
+    download.run([a if a != out else other for a in args] + PROCESSES)
+    for name in sorted(os.listdir(out)):
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(other, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert sorted(os.listdir(out)) == sorted(os.listdir(other))
     assert all(by_url[u]["status"] == "ok" for u in urls)
     assert by_url[urls[0]]["label"] == "n01440764" and by_url[urls[4]]["key"] == "n01443537_5"
     assert by_url[urls[1]]["key"] == "7" and by_url[urls[3]]["key"] == "p"
