@@ -57,7 +57,7 @@ class FetchConfig:
     max_backoff: float = 30.0
     max_retry_after: float = 120.0
     per_host: int = 16
-    threads: int = 64
+    threads: int = 128
     max_bytes: int = 32 << 20
     max_redirects: int = 5
     min_size: int = 10
