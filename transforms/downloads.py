@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import hashlib
 import json
+import queue
 import threading
 import time
 import uuid
@@ -168,7 +169,8 @@ class FetchFn(beam.DoFn):
         self._pool = futures.ThreadPoolExecutor(self._config.threads, thread_name_prefix="fetch")
 
     def start_bundle(self):
-        self._pending = set()
+        self._in_flight = 0
+        self._done: "queue.SimpleQueue[futures.Future]" = queue.SimpleQueue()
         self._journal = Journal(join(self._output, JOURNAL)) if self._output else None
 
     def _work(self, entry: UrlEntry, existing: Optional[str]) -> Downloaded:
@@ -178,6 +180,7 @@ class FetchFn(beam.DoFn):
         return result
 
     def _count(self, result: Downloaded) -> Downloaded:
+        """Counters are updated here, on the bundle's thread (Beam's metrics are per thread)."""
         status = result.record["status"]
         beam.metrics.Metrics.counter("download", "ok" if status == "ok" else f"failed_{status}").inc()
         self._bytes.inc(result.record["bytes"] or 0)
@@ -185,24 +188,27 @@ class FetchFn(beam.DoFn):
         self._retries.inc(max(0, result.attempts - 1))
         return result
 
+    def _collect(self, block: bool) -> Iterator[Downloaded]:
+        """Finished downloads: all that are ready, waiting for one first when `block`."""
+        while self._in_flight:
+            try:
+                future = self._done.get(block=block)
+            except queue.Empty:
+                return
+            self._in_flight -= 1
+            block = False
+            yield self._count(future.result())
+
     def process(self, element):
-        entry, existing = element if isinstance(element, tuple) and not isinstance(element, UrlEntry) else (element, None)
-        self._pending.add(self._pool.submit(self._work, entry, existing))
-        limit = 2 * self._config.threads
-        block = len(self._pending) >= limit
-        while self._pending:
-            done, self._pending = futures.wait(self._pending, timeout=None if block else 0,
-                                               return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                yield self._count(future.result())
-            if len(self._pending) < limit:
-                break
-            block = True
+        entry, existing = element
+        self._pool.submit(self._work, entry, existing).add_done_callback(self._done.put)
+        self._in_flight += 1
+        yield from self._collect(block=self._in_flight >= 2 * self._config.threads)
 
     def finish_bundle(self):
-        done, self._pending = futures.wait(self._pending), set()
-        for future in done.done:
-            yield WindowedValue(self._count(future.result()), MIN_TIMESTAMP, [GlobalWindow()])
+        while self._in_flight:
+            for result in self._collect(block=True):
+                yield WindowedValue(result, MIN_TIMESTAMP, [GlobalWindow()])
         if self._journal is not None:
             self._journal.flush()
 
@@ -215,10 +221,10 @@ class FetchFn(beam.DoFn):
 # --- source mode: URL list -> ImageBlobs ---------------------------------------------------------------
 
 def first_of_each_url(element) -> Iterator:
-    """(url, entries) -> the first entry (to fetch), and a Failure for every repeat of the URL."""
+    """(url, entries) -> (first entry, no file) to fetch, and a Failure for every repeat of the URL."""
     url, entries = element
     entries = sorted(entries, key=entry_order)
-    yield entries[0]
+    yield entries[0], None
     for repeat in entries[1:]:
         yield pvalue.TaggedOutput("repeats", Failure(repeat.source, url, f"repeated URL: listed {len(entries)} "
                                                                          "times, fetched once"))
