@@ -13,6 +13,13 @@ JOBS = {
                  "images -> koalarization Lab + Inception-ResNet-v2 TFRecords (SPEC §3)"),
     "download": ("imagebeam.pipelines.download",
                  "URL lists -> md5(url).jpeg files + manifest.jsonl (restartable, polite, deduplicated)"),
+    "cifar": ("imagebeam.pipelines.cifar",
+              "CIFAR-10/100 python archives -> processed pickle (sharpened, shuffled), TFRecords or Imagenet32 batches"),
+    "fetch": ("imagebeam.pipelines.fetch_archive:fetch_main",
+              "download an archive (CIFAR, ILSVRC2012 by name, or --url) with resume and md5 check"),
+    "verify": ("imagebeam.pipelines.fetch_archive:verify_main", "check the md5 of archives on disk"),
+    "imagenet-layout": ("imagebeam.pipelines.imagenet_layout",
+                        "ILSVRC2012 train/val/test tars + devkit -> ROOT/{train,val}/<wnid>/, ROOT/test/"),
     "resize": ("imagebeam.pipelines.resize", "images -> 299x299 letterboxed image files (koalarization's resize)"),
     "demo": ("imagebeam.pipelines.demo", "build the bundled sample from real photos and run the jobs on it"),
 }
@@ -41,8 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # The local job service relays every SDK worker's start-up warnings; keep its errors only.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-    module = importlib.import_module(JOBS[job][0])
-    result = module.main(rest) if hasattr(module, "main") else module.run(rest)
+    module_name, _, function = JOBS[job][0].partition(":")
+    module = importlib.import_module(module_name)
+    entry = getattr(module, function or ("main" if hasattr(module, "main") else "run"))
+    result = entry(rest)
     return result if isinstance(result, int) else 0
 
 

@@ -18,12 +18,28 @@ import time
 import urllib.parse
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 _QUIET = (ConnectionError, TimeoutError)  # client went away or stalled: not worth a traceback
 JPEG_SOI = b"\xff\xd8\xff\xe0"
 Step = Tuple[int, bytes, Dict[str, str]]
 Route = Callable[["_Handler", bool], None]
+
+
+class Served(NamedTuple):
+    """One response of an ``add_download`` route: the request's Range header, the status and body bytes sent."""
+    range: Optional[str]
+    status: int
+    sent: int
+    user_agent: Optional[str]
+
+
+def _range_start(header: Optional[str]) -> Optional[int]:
+    """N of a single ``bytes=N-`` or ``bytes=N-M`` range (the end is ignored), else None."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, _ = header[len("bytes="):].strip().partition("-")
+    return int(first) if first.isdigit() else None
 
 
 class _Server(ThreadingHTTPServer):
@@ -103,6 +119,7 @@ class PhotoServer:
     def __init__(self, latency: float = 0.0) -> None:
         self.latency = latency
         self._routes: Dict[str, Route] = {}
+        self._served: Dict[str, List[Served]] = defaultdict(list)
         self._times: Dict[str, List[float]] = defaultdict(list)
         self._lock = threading.Lock()
         self._conns: set = set()
@@ -218,6 +235,53 @@ class PhotoServer:
                 sent += len(piece)
         return self._add(path, route)
 
+    def add_download(self, path: str, data: bytes, ranges: bool = True, interrupt: int = 0,
+                     cut: int = 0, content_type: str = "application/octet-stream",
+                     headers: Optional[Dict[str, str]] = None) -> str:
+        """A large file. With ``ranges``, ``Range: bytes=N-`` gets 206 + Content-Range from N (416 when N is
+        past the end); without, every request gets 200 and the whole file. The first ``interrupt`` requests
+        announce the full Content-Length but send only the first ``cut`` bytes of their body, then close the
+        connection. Each response is logged for ``served(path)``.
+        """
+        extra = dict(headers or {})
+        counter, key = itertools.count(), path if path.startswith("/") else "/" + path
+
+        def route(h: _Handler, head: bool) -> None:
+            number = next(counter)
+            asked = h.headers.get("Range")
+            start = _range_start(asked) if ranges else None
+            code, body, reply = 200, data, dict(extra)
+            if start is not None and start >= len(data):
+                code, body = 416, b""
+                reply["Content-Range"] = f"bytes */{len(data)}"
+            elif start is not None:
+                code, body = 206, data[start:]
+                reply["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            if ranges:
+                reply.setdefault("Accept-Ranges", "bytes")
+            short = number < interrupt and not head and code != 416
+            sent = 0 if head else (min(cut, len(body)) if short else len(body))
+            with self._lock:
+                self._served[key].append(Served(asked, code, sent, h.headers.get("User-Agent")))
+            if not short:
+                h.send(code, body, reply, head, content_type if code != 416 else "text/plain")
+                return
+            h.send_response(code)
+            h.send_header("Content-Type", content_type)
+            for name, value in reply.items():
+                h.send_header(name, str(value))
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body[:sent])
+            h.wfile.flush()
+            h.close_connection = True  # the client sees the body end early
+        return self._add(key, route)
+
+    def served(self, path: str) -> List[Served]:
+        """The responses of an ``add_download`` route, in order."""
+        with self._lock:
+            return list(self._served.get(path if path.startswith("/") else "/" + path, ()))
+
     def _arrive(self, path: str) -> Optional[Route]:
         now = time.monotonic()
         with self._lock:
@@ -243,9 +307,10 @@ class PhotoServer:
             return sum(len(t) for t in self._times.values())
 
     def reset_counts(self) -> None:
-        """Forget all counts and times (sequences keep their position)."""
+        """Forget all counts, times and ``served`` logs (sequences and downloads keep their position)."""
         with self._lock:
             self._times.clear()
+            self._served.clear()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -257,3 +257,65 @@ def build_ilsvrc_sample(
     write_devkit(sample.devkit, classes, labels)
     write_class_map(sample.class_map, classes)
     return sample
+
+
+# --- CIFAR-format archives --------------------------------------------------------------------------------
+
+def cifar_images(n: int, seed: int = 0) -> np.ndarray:
+    """`n` 32x32 RGB crops of the real photos, (n, 32, 32, 3) uint8."""
+    photos = [p.convert("RGB") for p in load_photos()]
+    rng = random.Random(seed)
+    return np.stack([np.asarray(imagenet_like(photos[i % len(photos)], rng, (32, 32))) for i in range(n)])
+
+
+def _py2_batch(images: np.ndarray, labels: Dict[bytes, List[int]], names: List[bytes], label: bytes) -> bytes:
+    """A batch as CIFAR ships it: a Python-2 pickle (protocol 2) with bytes keys and channel-planar rows."""
+    import pickle
+
+    rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), 3072))
+    batch = {b"data": rows, b"filenames": names, b"batch_label": label}
+    batch.update(labels)
+    return pickle.dumps(batch, protocol=2)
+
+
+def write_cifar_archive(path: str, variant: str = "cifar100", train_per_batch: int = 30, test: int = 12,
+                        seed: int = 0) -> Dict[str, object]:
+    """A `cifar-100-python.tar.gz` / `cifar-10-python.tar.gz`-shaped archive of real-photo crops.
+
+    Returns what a correct reader must find: train/test images NHWC and labels in file order, the names.
+    """
+    import pickle
+
+    rng = random.Random(seed)
+    batches = 1 if variant == "cifar100" else 5
+    n_train = train_per_batch * batches
+    images = cifar_images(n_train + test, seed)
+    classes = 100 if variant == "cifar100" else 10
+    fine = [rng.randrange(classes) for _ in range(n_train + test)]
+    coarse = [f // 5 for f in fine]
+    names = [f"photo_{i:05d}.png".encode() for i in range(n_train + test)]
+    label_names = [f"class_{c:03d}".encode() for c in range(classes)]
+    members: List[Tuple[str, bytes]] = []
+    if variant == "cifar100":
+        folder = "cifar-100-python"
+        for member, lo, hi in (("train", 0, n_train), ("test", n_train, n_train + test)):
+            members.append((f"{folder}/{member}", _py2_batch(
+                images[lo:hi], {b"fine_labels": fine[lo:hi], b"coarse_labels": coarse[lo:hi]}, names[lo:hi],
+                f"{member}ing batch 1 of 1".encode())))
+        meta = {b"fine_label_names": label_names, b"coarse_label_names": [f"super_{c:02d}".encode() for c in range(20)]}
+        members.append((f"{folder}/meta", pickle.dumps(meta, protocol=2)))
+    else:
+        folder = "cifar-10-batches-py"
+        for b in range(batches):
+            lo, hi = b * train_per_batch, (b + 1) * train_per_batch
+            members.append((f"{folder}/data_batch_{b + 1}", _py2_batch(
+                images[lo:hi], {b"labels": fine[lo:hi]}, names[lo:hi], f"training batch {b + 1} of 5".encode())))
+        members.append((f"{folder}/test_batch", _py2_batch(
+            images[n_train:], {b"labels": fine[n_train:]}, names[n_train:], b"testing batch 1 of 1")))
+        members.append((f"{folder}/batches.meta", pickle.dumps({b"label_names": label_names}, protocol=2)))
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            add_bytes(tar, name, data)
+    return {"path": path, "variant": variant, "train_images": images[:n_train], "train_labels": fine[:n_train],
+            "test_images": images[n_train:], "test_labels": fine[n_train:], "label_names": label_names,
+            "coarse_labels": coarse, "filenames": names}

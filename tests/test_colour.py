@@ -12,7 +12,7 @@ from skimage import color as skcolor
 from skimage import transform as sktransform
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import colour, lab_records
+from imagebeam.transforms import colour, lab_records, tfrecord
 from imagebeam.transforms.decode import decode_rgb
 from imagebeam.transforms.resize import center_crop, fit, letterbox, stretch
 
@@ -140,14 +140,14 @@ def test_tfrecord_framing_read_by_tensorflow_and_crc_checked(tmp_path, photos):
     l_norm, ab_norm = colour.lab_target(np.asarray(photos[0]))
     records = [lab_records.encode_example(f"img{i}", l_norm, ab_norm, None) for i in range(3)]
     path = tmp_path / "x.tfrecord"
-    blob = b"".join(lab_records.frame_record(r) for r in records)
+    blob = b"".join(tfrecord.frame_record(r) for r in records)
     path.write_bytes(blob)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(path))] == records
-    assert list(lab_records.iter_records(blob)) == records
+    assert list(tfrecord.iter_records(blob)) == records
     corrupt = bytearray(blob)
     corrupt[100] ^= 1
     with pytest.raises(ValueError, match="corrupt"):
-        list(lab_records.iter_records(bytes(corrupt)))
+        list(tfrecord.iter_records(bytes(corrupt)))
 
 
 def test_decoded_photo_path_matches_direct_letterbox():

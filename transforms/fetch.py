@@ -176,7 +176,42 @@ class _HostGate:
             self.not_before = max(self.not_before, until)
 
 
-def _guarded_connector(allow_private: bool):
+def check_url(url: str, allow_private: bool, hop: int = 0):
+    """The URL's parts if it may be fetched: http(s), a host, and (for an IP literal) an allowed address.
+
+    Host names are judged later, on every address they resolve to (`guarded_connector`). Raises Refused.
+    """
+    parts = urlsplit(url)
+    where = "" if hop == 0 else f" (redirected to {url[:200]})"
+    if not parts.scheme and not parts.netloc:
+        raise Refused("blocked", f"not a URL: {url[:200]!r}")
+    if parts.scheme.lower() not in ("http", "https"):
+        raise Refused("blocked", f"only http and https are fetched, not {parts.scheme or 'no scheme'!r}{where}")
+    if not parts.hostname:
+        raise Refused("blocked", f"no host in URL {url[:200]!r}")
+    host = parts.hostname.split("%", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return parts  # a name: checked on every address it resolves to, when connecting
+    reason = refused_address(host, allow_private)
+    if reason:
+        raise Refused("blocked", f"{parts.hostname} is {reason}{where}")
+    return parts
+
+
+def open_connection(parts, timeout: float, allow_private: bool, tls: Optional[ssl.SSLContext] = None):
+    """An unconnected http.client connection whose socket only ever reaches checked addresses."""
+    if parts.scheme.lower() == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=tls or ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn._create_connection = guarded_connector(allow_private)
+    return conn
+
+
+def guarded_connector(allow_private: bool):
     """`socket.create_connection` that checks every address of the host first, then connects to one."""
 
     def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **_):
@@ -216,7 +251,6 @@ class Fetcher:
         self._gates: Dict[str, _HostGate] = {}
         self._gates_lock = threading.Lock()
         self._local = threading.local()
-        self._connector = _guarded_connector(config.allow_private_networks)
         self._tls = ssl.create_default_context()
 
     # --- public ---------------------------------------------------------------------------------
@@ -272,15 +306,7 @@ class Fetcher:
         cfg = self.config
         result.retry_delay = None
         for hop in range(cfg.max_redirects + 1):
-            parts = urlsplit(url)
-            if not parts.scheme and not parts.netloc:
-                raise Refused("blocked", f"not a URL: {url[:200]!r}")
-            if parts.scheme.lower() not in ("http", "https"):
-                where = "" if hop == 0 else f" (redirected to {url[:200]})"
-                raise Refused("blocked", f"only http and https are fetched, not {parts.scheme or 'no scheme'!r}{where}")
-            if not parts.hostname:
-                raise Refused("blocked", f"no host in URL {url[:200]!r}")
-            self._check_literal(parts.hostname)
+            parts = check_url(url, cfg.allow_private_networks, hop)
             gate = self._gate(parts.hostname.lower())
             result.throttled += gate.enter()
             try:  # the host's slot is held until the body is read
@@ -292,16 +318,6 @@ class Fetcher:
                 return
             url = urljoin(url, location)
         result.reason = f"more than {cfg.max_redirects} redirects (the last to {url[:200]})"
-
-    def _check_literal(self, host: str) -> None:
-        """An IP address written in the URL is judged as written (it may not even be routable here)."""
-        try:
-            ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return  # a name: checked on every address it resolves to, when connecting
-        reason = refused_address(host, self.config.allow_private_networks)
-        if reason:
-            raise Refused("blocked", f"{host} is {reason}")
 
     def _exchange(self, parts, gate: "_HostGate", result: Fetched) -> Optional[str]:
         """One request: fills `result`, or returns the Location to follow."""
@@ -349,13 +365,8 @@ class Fetcher:
         key = (scheme, parts.hostname.lower(), parts.port)
         conn = conns.get(key)
         if conn is None:
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.config.timeout,
-                                                   context=self._tls)
-            else:
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.config.timeout)
-            conn._create_connection = self._connector
-            conns[key] = conn
+            conn = conns[key] = open_connection(parts, self.config.timeout, self.config.allow_private_networks,
+                                                self._tls)
         return key, conn
 
     def _request(self, parts, started: float):

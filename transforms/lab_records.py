@@ -5,62 +5,23 @@ Reference format: a `tf.train.Example` with exactly `image_name` (bytes), `image
 absent with `--embedding none`). Compact format: the same keys, but `image_l` and `image_ab` are bytes
 holding the 8-bit quantised values of `colour.quantise_l` / `colour.quantise_ab` (about 4x smaller).
 
-The Example's wire format is written directly (a packed float list is a tag, a length and the float32
-bytes), in the key order protobuf's deterministic serialisation uses, so the bytes equal
-`tf.train.Example(...).SerializeToString(deterministic=True)` and encoding costs microseconds.
-Encoding needs no TensorFlow; only `read_lab_records` imports it.
+The Example's wire format is written directly (`tfrecord.py`), byte-identical to
+`tf.train.Example(...).SerializeToString(deterministic=True)`, so encoding costs microseconds and needs no
+TensorFlow; only `read_lab_records` imports it.
 """
 from __future__ import annotations
 
-import gzip
-import struct
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from imagebeam.transforms import colour
+from imagebeam.transforms.tfrecord import bytes_feature, example_bytes, float_feature
 
 RECORD_FORMATS = ("reference", "compact")
 L_VALUES = colour.LAB_SIZE * colour.LAB_SIZE          # 50,176
 AB_VALUES = 2 * L_VALUES                              # 100,352
 FEATURE_KEYS = ("image_name", "image_l", "image_ab", "image_embedding")
-
-
-# --- protobuf wire format ------------------------------------------------------------------------------
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def bytes_feature(value: bytes) -> bytes:
-    """Feature{bytes_list: BytesList{value: [value]}}."""
-    return _len_field(1, _len_field(1, value))
-
-
-def float_feature(values: np.ndarray) -> bytes:
-    """Feature{float_list: FloatList{value: values}} (packed little-endian float32)."""
-    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
-    return _len_field(2, _len_field(1, data))
-
-
-def example_bytes(features: dict) -> bytes:
-    """Example{features: Features{feature: map}} from {key: encoded Feature}, keys in sorted order."""
-    entries = b"".join(_len_field(1, _len_field(1, k.encode("utf-8")) + _len_field(2, v))
-                       for k, v in sorted(features.items()))
-    return _len_field(1, entries)
 
 
 def encode_example(name: str, l_norm: np.ndarray, ab_norm: np.ndarray, embedding: Optional[np.ndarray],
@@ -77,48 +38,6 @@ def encode_example(name: str, l_norm: np.ndarray, ab_norm: np.ndarray, embedding
     if embedding is not None:
         features["image_embedding"] = float_feature(np.asarray(embedding).reshape(-1))
     return example_bytes(features)
-
-
-# --- TFRecord framing ----------------------------------------------------------------------------------
-# Each record: uint64 length, masked CRC-32C of the length, the data, masked CRC-32C of the data.
-
-def _crc32c(data: bytes) -> int:
-    import google_crc32c  # C implementation; a dependency of imagebeam
-
-    return google_crc32c.value(data)
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = _crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def frame_record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-def iter_records(blob: bytes) -> Iterator[bytes]:
-    """The records of a TFRecord file's bytes (gzip is recognised by its magic), CRCs checked."""
-    if blob[:2] == b"\x1f\x8b":
-        blob = gzip.decompress(blob)
-    at = 0
-    while at < len(blob):
-        if at + 12 > len(blob):
-            raise ValueError(f"truncated TFRecord header at byte {at}")
-        length_bytes = blob[at:at + 8]
-        (length,) = struct.unpack("<Q", length_bytes)
-        (length_crc,) = struct.unpack("<I", blob[at + 8:at + 12])
-        if length_crc != _masked_crc(length_bytes):
-            raise ValueError(f"corrupt TFRecord length at byte {at}")
-        data = blob[at + 12:at + 12 + length]
-        if len(data) != length or at + 16 + length > len(blob):
-            raise ValueError(f"truncated TFRecord at byte {at}")
-        (data_crc,) = struct.unpack("<I", blob[at + 12 + length:at + 16 + length])
-        if data_crc != _masked_crc(data):
-            raise ValueError(f"corrupt TFRecord data at byte {at}")
-        yield data
-        at += 16 + length
 
 
 # --- reading (TensorFlow) ------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from imagebeam.transforms import colour
 from imagebeam.transforms.batches import bucket_of, shuffle_key
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.fileutil import concat_files, join, write_atomically
-from imagebeam.transforms.lab_records import encode_example, frame_record
+from imagebeam.transforms.lab_records import encode_example
+from imagebeam.transforms.tfrecord import frame_record
 from imagebeam.transforms.resize import fit
 from imagebeam.transforms.sources import Failure, ImageBlob
 

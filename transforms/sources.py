@@ -74,6 +74,16 @@ def normalise_member(name: str) -> str:
     return "/".join(parts)
 
 
+def unsafe_member_reason(raw_name: str) -> Optional[str]:
+    """Why a tar member name is refused (absolute, or climbing out with '..'), or None when it is safe."""
+    name = raw_name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return f"unsafe member name {raw_name!r}: absolute path"
+    if ".." in name.split("/"):
+        return f"unsafe member name {raw_name!r}: '..' would leave the extraction folder"
+    return None
+
+
 def index_input(spec: str) -> Iterator[Indexed]:
     """Expand one `--input` (tar, glob of tars or files, or folder) into work units and failures."""
     if _is_glob(spec):
@@ -131,6 +141,10 @@ def index_tar(path: str) -> Iterator[Indexed]:
                     continue
                 if not info.isfile():
                     yield Failure(path, info.name, f"tar member is {_kind(info)}, not a regular file")
+                    continue
+                unsafe = unsafe_member_reason(info.name)
+                if unsafe:
+                    yield Failure(path, info.name, unsafe)
                     continue
                 if name.lower().endswith(".tar"):
                     yield WorkUnit("member_tar", path, name=name, offset=info.offset_data, size=info.size)
@@ -330,9 +344,13 @@ def _read_member_tar(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
         with FileSystems.open(unit.source) as raw:
             window, stream = _buffered_window(raw, unit)
             plain = _PlainTar(stream)
-            for name, data in plain:
+            for raw_name, data in plain:
                 count += 1
-                name = normalise_member(name)
+                unsafe = unsafe_member_reason(raw_name)
+                if unsafe:
+                    yield Failure(unit.source, f"{unit.name}/{raw_name}", unsafe)
+                    continue
+                name = normalise_member(raw_name)
                 yield ImageBlob(unit.source, f"{unit.name}/{name}", f"{prefix}/{posixpath.basename(name)}",
                                 class_key, data)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -365,6 +383,10 @@ def _read_tar_stream(unit: WorkUnit, prefix: str, class_key: Optional[str],
                         continue
                     if not info.isfile():
                         yield Failure(unit.source, member, f"tar member is {_kind(info)}, not a regular file")
+                        continue
+                    unsafe = unsafe_member_reason(info.name)
+                    if unsafe:
+                        yield Failure(unit.source, member, unsafe)
                         continue
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import colour, lab_records
+from imagebeam.transforms import colour, lab_records, tfrecord
 from imagebeam.transforms.decode import decode_rgb
 from imagebeam.transforms.resize import letterbox
 
@@ -85,7 +85,7 @@ def our_record(data: bytes, emb) -> bytes:
     rgb = np.asarray(letterbox(decode_rgb(data)))
     l_norm, ab_norm = colour.lab_target(rgb)
     colour.grey_uint8(rgb)  # the embedding branch's share of the CPU work
-    return lab_records.frame_record(lab_records.encode_example("img", l_norm, ab_norm, emb))
+    return tfrecord.frame_record(lab_records.encode_example("img", l_norm, ab_norm, emb))
 
 
 def rate(fn: Callable[[bytes], object], jpegs: List[bytes], repeat: int = 2) -> float:
@@ -134,7 +134,7 @@ def bench_cpu_side(args, tf) -> None:
         "letterbox (Lanczos)": lambda: letterbox(decode_rgb(jpegs[0])),
         "224 resize + Lab": lambda: colour.lab_target(rgb),
         "grey for Inception": lambda: colour.grey_uint8(rgb),
-        "encode Example + frame (ours)": lambda: lab_records.frame_record(
+        "encode Example + frame (ours)": lambda: tfrecord.frame_record(
             lab_records.encode_example("img", l_norm, ab_norm, emb)),
         "tf.train.Example from lists": lambda: reference_example(tf, b"img", l_norm, ab_norm, emb),
     }

@@ -1,0 +1,174 @@
+"""CIFAR-10/100 python archives (SPEC §4): finding the batches, reading them safely, the seed's sharpening.
+
+Archives: `cifar-100-python.tar.gz` holds `cifar-100-python/{train,test,meta}`, `cifar-10-python.tar.gz`
+holds `cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`; the extracted folders work too.
+The batches are Python-2 pickles read with `safe_pickle` (numpy and builtin types only) and
+encoding="bytes": keys are bytes (b"data", b"fine_labels", ...).
+
+The sharpening is the seed's `cv2.filter2D(img, -1, kernel)` with the 5x5 kernel
+(-1/256) * [[1,4,6,4,1],[4,16,24,16,4],[6,24,-476,24,6],[4,16,24,16,4],[1,4,6,4,1]], computed here without
+OpenCV: every product and sum is a multiple of 1/256 well inside float precision, so the integer
+correlation over reflect-101 borders, rounded half to even and saturated to uint8, is exactly what
+OpenCV computes.
+"""
+from __future__ import annotations
+
+import tarfile
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from imagebeam.transforms import safe_pickle
+
+SHARPEN_WEIGHTS = -np.array([[1, 4, 6, 4, 1],
+                             [4, 16, 24, 16, 4],
+                             [6, 24, -476, 24, 6],
+                             [4, 16, 24, 16, 4],
+                             [1, 4, 6, 4, 1]], dtype=np.int32)   # the kernel times 256
+SHARPEN_KERNEL = SHARPEN_WEIGHTS / 256.0                           # the seed's float kernel
+
+VARIANTS = {
+    # variant: (folder in the archive, train members, test member, meta member, label key, names key)
+    "cifar100": ("cifar-100-python", ("train",), "test", "meta", b"fine_labels", b"fine_label_names"),
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
+                "batches.meta", b"labels", b"label_names"),
+}
+
+
+class CifarLayout(NamedTuple):
+    """Where one CIFAR variant's batches are: inside an archive (`archive` set) or in a folder."""
+    variant: str
+    root: str                      # the archive path, or the folder holding the batch files
+    archive: bool
+    prefix: str                    # member folder inside the archive ("cifar-100-python/") or ""
+
+    def batches(self, split: str) -> Tuple[str, ...]:
+        _, train, test, _, _, _ = VARIANTS[self.variant]
+        return train if split == "train" else (test,)
+
+    @property
+    def meta(self) -> str:
+        return VARIANTS[self.variant][3]
+
+    @property
+    def label_key(self) -> bytes:
+        return VARIANTS[self.variant][4]
+
+    @property
+    def names_key(self) -> bytes:
+        return VARIANTS[self.variant][5]
+
+
+def _members(path: str) -> List[str]:
+    with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        return [m.name for m in tar if m.isfile()]
+
+
+def _looks_like(variant: str, present) -> bool:
+    """The variant's meta file and at least one of its batches are there (a missing one fails on reading)."""
+    _, train, test, meta, _, _ = VARIANTS[variant]
+    return present(meta) and any(present(m) for m in (*train, test))
+
+
+def find_layout(path: str) -> CifarLayout:
+    """Recognise a CIFAR-10/100 python archive or extracted folder; a clear error otherwise."""
+    if path.lower().endswith((".tar.gz", ".tgz", ".tar")):
+        if not FileSystems.exists(path):
+            raise ValueError(f"--input {path!r} does not exist")
+        names = set(_members(path))
+        for variant, (folder, train, test, meta, _, _) in VARIANTS.items():
+            if _looks_like(variant, lambda m, folder=folder: f"{folder}/{m}" in names):
+                return CifarLayout(variant, path, True, folder + "/")
+        raise ValueError(f"{path} is not a CIFAR-10/100 python archive: expected cifar-100-python/{{train,test,"
+                         "meta}} or cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}")
+    root = path.rstrip("/")
+    for variant, (folder, train, test, meta, _, _) in VARIANTS.items():
+        for base in (root, FileSystems.join(root, folder)):
+            if _looks_like(variant, lambda m, base=base: FileSystems.exists(FileSystems.join(base, m))):
+                return CifarLayout(variant, base, False, "")
+    raise ValueError(f"{path} holds no CIFAR-10/100 python batches (train/test/meta or data_batch_1..5)")
+
+
+def read_members(layout: CifarLayout, names) -> Dict[str, dict]:
+    """Batch (or meta) dicts by member name, unpickled safely with bytes keys (an archive in one pass)."""
+    names = list(names)
+    if not layout.archive:
+        out = {}
+        for name in names:
+            with FileSystems.open(FileSystems.join(layout.root, name)) as f:
+                out[name] = safe_pickle.loads(f.read(), encoding="bytes")
+        return out
+    wanted = {layout.prefix + name: name for name in names}
+    found: Dict[str, dict] = {}
+    with FileSystems.open(layout.root) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile() and member.name in wanted:
+                found[wanted[member.name]] = safe_pickle.loads(tar.extractfile(member).read(), encoding="bytes")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"{layout.root} has no member {layout.prefix}{missing[0]}")
+    return found
+
+
+def read_member(layout: CifarLayout, name: str) -> dict:
+    return read_members(layout, [name])[name]
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def label_names(layout: CifarLayout) -> List[bytes]:
+    """The class names as the seed keeps them (bytes, from the meta file)."""
+    meta = read_member(layout, layout.meta)
+    return [n if isinstance(n, bytes) else str(n).encode() for n in meta[layout.names_key]]
+
+
+class CifarImage(NamedTuple):
+    """One image: its split, place in the original order (batch, index), pixels HWC, labels, file name."""
+    split: str
+    batch: int
+    index: int
+    pixels: bytes                 # 32*32*3 uint8, HWC (NHWC row)
+    label: int
+    coarse_label: Optional[int]
+    filename: str
+
+
+def batch_images(layout: CifarLayout, split: str, batch_index: int, batch: dict) -> Iterator[CifarImage]:
+    """The images of one batch dict, HWC, numbered in the split's original order."""
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"batch {layout.batches(split)[batch_index]}: data has shape {data.shape}, "
+                         "expected (n, 3072)")
+    labels = batch[layout.label_key]
+    coarse = batch.get(b"coarse_labels")
+    names = batch.get(b"filenames") or [b""] * len(labels)
+    if not len(labels) == len(names) == data.shape[0] or (coarse is not None and len(coarse) != len(labels)):
+        raise ValueError(f"batch {layout.batches(split)[batch_index]}: data, labels and file names disagree "
+                         "in length")
+    hwc = to_nhwc(data)
+    for i in range(data.shape[0]):
+        yield CifarImage(split, batch_index, i, hwc[i].tobytes(), int(labels[i]),
+                         None if coarse is None else int(coarse[i]), _text(names[i]))
+
+
+def to_nhwc(data: np.ndarray) -> np.ndarray:
+    """(n, 3072) channel-planar rows -> (n, 32, 32, 3), the seed's reshape."""
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def sharpen(images: np.ndarray) -> np.ndarray:
+    """The seed's sharpening of one HWC image or a batch NHWC, uint8 in and out (see module docstring)."""
+    images = np.asarray(images, dtype=np.uint8)
+    single = images.ndim == 3
+    batch = images[None] if single else images
+    padded = np.pad(batch.astype(np.int32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    h, w = batch.shape[1:3]
+    acc = np.zeros(batch.shape, dtype=np.int32)
+    for dy in range(5):
+        for dx in range(5):
+            acc += SHARPEN_WEIGHTS[dy, dx] * padded[:, dy:dy + h, dx:dx + w, :]
+    out = np.clip(np.rint(acc / 256.0), 0, 255).astype(np.uint8)
+    return out[0] if single else out

@@ -1,0 +1,99 @@
+"""tf.train.Example and TFRecord files without TensorFlow: the protobuf wire format and the framing.
+
+An Example is written directly (a packed list is a tag, a length and the values), map entries in the
+key order protobuf's deterministic serialisation uses, so the bytes equal
+`tf.train.Example(...).SerializeToString(deterministic=True)`. Records are framed as TFRecord files
+are: uint64 length, masked CRC-32C of the length, the data, masked CRC-32C of the data.
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+# --- protobuf wire format ------------------------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def bytes_feature(value: bytes) -> bytes:
+    """Feature{bytes_list: BytesList{value: [value]}}."""
+    return _len_field(1, _len_field(1, value))
+
+
+def float_feature(values: np.ndarray) -> bytes:
+    """Feature{float_list: FloatList{value: values}} (packed little-endian float32)."""
+    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return _len_field(2, _len_field(1, data))
+
+
+def example_bytes(features: dict) -> bytes:
+    """Example{features: Features{feature: map}} from {key: encoded Feature}, keys in sorted order."""
+    entries = b"".join(_len_field(1, _len_field(1, k.encode("utf-8")) + _len_field(2, v))
+                       for k, v in sorted(features.items()))
+    return _len_field(1, entries)
+
+
+def int64_feature(values: Iterable[int]) -> bytes:
+    """Feature{int64_list: Int64List{value: values}} (packed varints, two's complement for negatives)."""
+    payload = b"".join(_varint(int(v) & 0xFFFFFFFFFFFFFFFF) for v in values)
+    return _len_field(3, _len_field(1, payload))
+
+
+# --- TFRecord framing ----------------------------------------------------------------------------------
+# Each record: uint64 length, masked CRC-32C of the length, the data, masked CRC-32C of the data.
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c  # C implementation; a dependency of imagebeam
+
+    return google_crc32c.value(data)
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def iter_records(blob: bytes) -> Iterator[bytes]:
+    """The records of a TFRecord file's bytes (gzip is recognised by its magic), CRCs checked."""
+    if blob[:2] == b"\x1f\x8b":
+        blob = gzip.decompress(blob)
+    at = 0
+    while at < len(blob):
+        if at + 12 > len(blob):
+            raise ValueError(f"truncated TFRecord header at byte {at}")
+        length_bytes = blob[at:at + 8]
+        (length,) = struct.unpack("<Q", length_bytes)
+        (length_crc,) = struct.unpack("<I", blob[at + 8:at + 12])
+        if length_crc != _masked_crc(length_bytes):
+            raise ValueError(f"corrupt TFRecord length at byte {at}")
+        data = blob[at + 12:at + 12 + length]
+        if len(data) != length or at + 16 + length > len(blob):
+            raise ValueError(f"truncated TFRecord at byte {at}")
+        (data_crc,) = struct.unpack("<I", blob[at + 12 + length:at + 16 + length])
+        if data_crc != _masked_crc(data):
+            raise ValueError(f"corrupt TFRecord data at byte {at}")
+        yield data
+        at += 16 + length
