@@ -6,19 +6,30 @@ to the Python FnApiRunner when that fails, which on an offline machine costs a f
 Our local default is therefore the FnApiRunner itself, in multi-process mode with one SDK worker per
 core: no network, real parallelism, and the same portable worker code path the cluster runners use.
 `--runner DirectRunner` (or any other Beam runner) still passes through unchanged.
+
+Short runner names: `local` (the default above), `dask` (Beam's DaskRunner with imagebeam's fix, on the
+cluster at `--dask-address HOST:PORT`), and `portable` (PortableRunner against Beam's embedded job
+service with SDK workers from a worker pool imagebeam starts: the wire path Flink and Spark use).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
+import os
+import socket
+import subprocess
 import sys
+import time
 import traceback
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
-SHORT_RUNNERS = {"local": LOCAL_RUNNER, "fnapi": LOCAL_RUNNER}
+DASK_RUNNER = "imagebeam.pipelines.dask_runner.DaskRunner"
+PORTABLE_RUNNER = "PortableRunner"
+SHORT_RUNNERS = {"local": LOCAL_RUNNER, "fnapi": LOCAL_RUNNER, "dask": DASK_RUNNER, "portable": PORTABLE_RUNNER}
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -53,18 +64,26 @@ def beam_args_with_defaults(beam_args: Sequence[str], local_mode: str = "multi_p
                          "FnApiRunner silently drops and corrupts elements in that mode (a 200,000-key "
                          "GroupByKey lost up to 1% of its keys here). Use multi_processing (the default) "
                          "or in_memory.")
+    args = _renamed(args, "--dask-address", "--dask_client_address")
     runner = _flag_value(args, "--runner")
     if runner is None:
         args += ["--runner", LOCAL_RUNNER]
     elif runner.lower() in SHORT_RUNNERS:
         args = [a for a in args if not (a == "--runner" or a.startswith("--runner="))]
         args = [a for a in args if a != runner] + ["--runner", SHORT_RUNNERS[runner.lower()]]
+    if (runner or "").lower() == "portable" and not _has_flag(args, "--job_endpoint"):
+        args += ["--job_endpoint", "embed"]  # Beam's own job service, in this process
     if is_local_runner(runner):
         if not _has_flag(args, "--direct_running_mode"):
             args += ["--direct_running_mode", local_mode]
         if not _has_flag(args, "--direct_num_workers") and local_mode == "multi_processing":
             args += ["--direct_num_workers", "0"]  # 0 = one worker per core
     return args
+
+
+def _renamed(args: List[str], ours: str, beams: str) -> List[str]:
+    """Our dashed flag spelled as Beam's option (`--dask-address X` -> `--dask_client_address X`)."""
+    return [beams + a[len(ours):] if a == ours or a.startswith(ours + "=") else a for a in args]
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
@@ -91,11 +110,65 @@ def in_process(pipeline_options: PipelineOptions) -> PipelineOptions:
 
 
 def _uses_local_grpc(pipeline_options: PipelineOptions) -> bool:
+    """The runner's gRPC data plane would run in this process (local multi-process, embedded job service)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
+    runner = pipeline_options.view_as(StandardOptions).runner
+    if _is_embedded_portable(pipeline_options):
+        return True
     mode = pipeline_options.view_as(DirectOptions).direct_running_mode
-    return (is_local_runner(pipeline_options.view_as(StandardOptions).runner)
-            and mode in ("multi_processing", "multi_threading"))
+    return is_local_runner(runner) and mode in ("multi_processing", "multi_threading")
+
+
+def _is_embedded_portable(pipeline_options: PipelineOptions) -> bool:
+    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+
+    runner = (pipeline_options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1]
+    return runner == PORTABLE_RUNNER and pipeline_options.view_as(PortableOptions).job_endpoint == "embed"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def sdk_worker_pool(pipeline_options: PipelineOptions) -> Iterator[PipelineOptions]:
+    """For `--runner portable` without an environment: a local pool of out-of-process SDK workers.
+
+    Beam's `worker_pool_main` starts SDK harness processes on request from the job service (the EXTERNAL
+    environment); it runs `python` from PATH, so this interpreter's bin directory goes first.
+    """
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    portable = pipeline_options.view_as(PortableOptions)
+    if not _is_embedded_portable(pipeline_options) or portable.environment_type:
+        yield pipeline_options
+        return
+    port = _free_port()
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    pool = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                             f"--service_port={port}"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if pool.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the SDK worker pool did not start")
+            time.sleep(0.1)
+        opts = PipelineOptions.from_dictionary(pipeline_options.get_all_options(drop_default=True,
+                                                                                retain_unknown_options=True))
+        opts.view_as(PortableOptions).environment_type = "EXTERNAL"
+        opts.view_as(PortableOptions).environment_config = f"localhost:{port}"
+        yield opts
+    finally:
+        pool.terminate()
+        try:
+            pool.wait(10)
+        except subprocess.TimeoutExpired:
+            pool.kill()
 
 
 def run_pipeline(build: Callable[..., None], pipeline_options: PipelineOptions, *build_args,
@@ -116,7 +189,7 @@ def run_pipeline(build: Callable[..., None], pipeline_options: PipelineOptions, 
         return {}
     import apache_beam as beam
 
-    with beam.Pipeline(options=pipeline_options) as p:
+    with sdk_worker_pool(pipeline_options) as options, beam.Pipeline(options=options) as p:
         build(p, *build_args)
     return counters(p.result)
 
