@@ -17,7 +17,7 @@ import argparse
 import io
 import logging
 import pickle
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -27,6 +27,7 @@ from PIL import Image
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import cifar, fileutil
 from imagebeam.transforms.batches import batch_dict, batch_file_name, batch_sizes, shuffle_key, write_batch
+from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.safe_pickle import UnsafePickleError
 from imagebeam.transforms.sources import Failure
@@ -54,17 +55,23 @@ def make_parser() -> argparse.ArgumentParser:
 class _ReadBatchFn(beam.DoFn):
     """(split, batch index, member) -> CifarImage per image; an unreadable batch -> one Failure."""
 
-    def __init__(self, layout: cifar.CifarLayout):
+    def __init__(self, layout: cifar.CifarLayout, progress: Optional[str] = None):
         self._layout = layout
+        self._progress = ProgressTicker(progress)
 
     def process(self, unit):
         split, index, member = unit
         try:
             images = list(cifar.batch_images(self._layout, split, index, cifar.read_member(self._layout, member)))
         except (UnsafePickleError, ValueError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            self._progress.tick(failed=1)
             yield pvalue.TaggedOutput(FAILURES, Failure(self._layout.root, member, f"unreadable CIFAR batch: {exc}"))
             return
+        self._progress.tick(ok=len(images))
         yield from images
+
+    def finish_bundle(self):
+        self._progress.flush()
 
 
 def sharpen_image(image: cifar.CifarImage) -> cifar.CifarImage:
@@ -170,7 +177,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, layout: cifar.CifarLayout,
     read = (p
             | "Batches" >> beam.Create(units)
             | "Spread" >> beam.Reshuffle()
-            | "ReadBatch" >> beam.ParDo(_ReadBatchFn(layout)).with_outputs(FAILURES, main="images"))
+            | "ReadBatch" >> beam.ParDo(_ReadBatchFn(layout, getattr(args, "progress", None)))
+            .with_outputs(FAILURES, main="images"))
     images = read.images if args.no_sharpen else read.images | "Sharpen" >> beam.Map(sharpen_image)
     if args.format == "pickle":
         files = (images
@@ -213,7 +221,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"imagebeam cifar: {exc}") from None
     fileutil.ensure_dir(args.output)
     write_classes(args.output, names, one_based=args.format == "imagenet32")
-    job_options.run_pipeline(build, pipeline_options, args, layout, names)
+    with job_options.progress_monitor("cifar", pipeline_options) as monitor:
+        args.progress = monitor.address
+        job_options.run_pipeline(build, pipeline_options, args, layout, names)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("cifar finished: %s", meta["counts"])
     return meta

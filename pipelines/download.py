@@ -27,6 +27,7 @@ from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.downloads import (JOURNAL, FetchFn, PreviousRecords, WriteManifestPieces,
                                             downloaded_files, merge_statuses, plan_url, resolve_duplicates)
+from imagebeam.transforms.progress import ReportTotal
 from imagebeam.transforms.report import read_json, versions
 from imagebeam.transforms.url_lists import ReadUrlLists, url_md5
 
@@ -57,7 +58,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         | "JoinByUrl" >> beam.CoGroupByKey()
         | "Plan" >> beam.FlatMap(plan_url).with_outputs("kept", "repeated", main="fetch"))
     fetched = (planned.fetch
-               | "Fetch" >> beam.ParDo(FetchFn(config, output, full_decode=True))
+               | "Fetch" >> beam.ParDo(FetchFn(config, output, full_decode=True,
+                                              progress=getattr(args, "progress", None)))
                | "Records" >> beam.Map(lambda d: d.record))
     records = (fetched, planned.kept) | "AllRecords" >> beam.Flatten()
     with_content = records | "SplitByContent" >> beam.Partition(
@@ -75,6 +77,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         "fetched": planned.fetch | "CountFetched" >> beam.combiners.Count.Globally(),
     }
     sides = {name: beam.pvalue.AsSingleton(pc) for name, pc in counts.items()}
+    _ = planned.fetch | "ProgressTotal" >> beam.Map(lambda _: 1) | ReportTotal(getattr(args, "progress", None))
     _ = (p | "Once" >> beam.Create([None])
          | "WriteManifest" >> beam.Map(finish, output, job_facts(args), beam.pvalue.AsList(pieces), **sides))
 
@@ -140,7 +143,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     metadata = fileutil.join(args.output, "metadata.json")
     if FileSystems.exists(metadata):
         FileSystems.delete([metadata])  # present only once this run has finished
-    found = job_options.run_pipeline(build, pipeline_options, args)
+    with job_options.progress_monitor("download", pipeline_options) as monitor:
+        args.progress = monitor.address
+        found = job_options.run_pipeline(build, pipeline_options, args)
     meta = read_json(metadata)
     _LOG.info("download finished: %s", meta["counts"])
     # Beam's counters of this run (runner-dependent, not in metadata.json): ok, failed_<status>, bytes,

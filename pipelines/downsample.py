@@ -26,6 +26,7 @@ from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.inputs import ReadInputs
+from imagebeam.transforms.progress import ReportTotal
 from imagebeam.transforms.rows import DecodeToRows, LabelMapFromKeys
 from imagebeam.transforms.stats import AnalyzeMean
 
@@ -86,8 +87,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
                                             network_options.list_columns(args))
     labels = label_map if label_map is not None else inputs.class_keys | "LabelMap" >> LabelMapFromKeys()
     blobs, read_failures = inputs.blobs, inputs.failures
+    _ = inputs.estimates | "ProgressTotal" >> ReportTotal(getattr(args, "progress", None))
     rows, decode_failures = blobs | "DecodeResize" >> DecodeToRows(
-        labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose)
+        labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose,
+        getattr(args, "progress", None))
 
     batch_dir = fileutil.join(args.output, STAGING) if train else args.output
     buckets, counts = rows | "Shuffle" >> ShuffleIntoBuckets(args.seed if train else None, BUCKETS_PER_BATCH * args.batches)
@@ -143,7 +146,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     staging = fileutil.join(args.output, STAGING)
     if FileSystems.exists(staging):  # left by an interrupted run: start its phase 1 afresh
         FileSystems.delete([staging])
-    job_options.run_pipeline(build, pipeline_options, args)
+    with job_options.progress_monitor("downsample", pipeline_options) as monitor:
+        args.progress = monitor.address
+        job_options.run_pipeline(build, pipeline_options, args)
     if args.split == "train":
         staged = read_json(fileutil.join(staging, "metadata.json"))
         # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.

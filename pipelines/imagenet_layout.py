@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.labels import LabelMap, load_label_map
+from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.sources import Failure, ImageBlob, WorkUnit, index_tar, read_unit
 
@@ -81,8 +82,9 @@ def destination(split: str, blob: ImageBlob, wnid_of_id: Dict[int, str],
 class _ExtractUnitFn(beam.DoFn):
     """(split, unit) -> the unit's record {"split", "images", "failures"}, written as its marker last."""
 
-    def __init__(self, output: str, label_map: LabelMap):
+    def __init__(self, output: str, label_map: LabelMap, progress: Optional[str] = None):
         self._output = output
+        self._progress = ProgressTicker(progress)
         self._wnid_of_id = {cid: wnid for wnid, cid in label_map.labels.items()}
         self._ground_truth = label_map.val_ground_truth
         self._extracted = beam.metrics.Metrics.counter("layout", "images")
@@ -93,18 +95,24 @@ class _ExtractUnitFn(beam.DoFn):
         for item in read_unit(unit):
             if isinstance(item, Failure):
                 failures.append(item.to_json())
+                self._progress.tick(failed=1)
                 continue
             try:
                 relative = destination(split, item, self._wnid_of_id, self._ground_truth)
             except ValueError as exc:
                 failures.append(Failure(item.source, item.member, str(exc)).to_json())
+                self._progress.tick(failed=1)
                 continue
             fileutil.write_atomically(fileutil.join(self._output, relative), item.data)
             written += 1
+            self._progress.tick(ok=1)
         self._extracted.inc(written)
         record = {"split": split, "images": written, "failures": failures}
         fileutil.write_atomically(marker_path(self._output, split, unit), json.dumps(record).encode("utf-8"))
         yield record
+
+    def finish_bundle(self):
+        self._progress.flush()
 
 
 def index_split(split: str, path: str) -> Iterator[Tuple[str, object]]:
@@ -144,7 +152,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace, label_map: LabelMap) -> No
     triaged = indexed | "SkipFinished" >> beam.FlatMap(triage, args.output).with_outputs(
         "finished", "index_failures", main="todo")
     todo, finished, index_failures = triaged.todo, triaged.finished, triaged.index_failures
-    extracted = todo | "Extract" >> beam.ParDo(_ExtractUnitFn(args.output, label_map))
+    extracted = todo | "Extract" >> beam.ParDo(_ExtractUnitFn(args.output, label_map, getattr(args, "progress", None)))
     records = (extracted, finished | "EarlierRecords" >> beam.Map(finished_record, args.output)) \
         | "AllUnits" >> beam.Flatten()
     failures = (index_failures, records | "UnitFailures" >> beam.FlatMap(record_failures)) \
@@ -182,7 +190,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--devkit {args.devkit} has no data/ILSVRC2012_validation_ground_truth.txt")
     fileutil.ensure_dir(args.output)
     write_synsets(args.output, label_map)
-    job_options.run_pipeline(build, pipeline_options, args, label_map)
+    with job_options.progress_monitor("imagenet-layout", pipeline_options) as monitor:
+        args.progress = monitor.address
+        job_options.run_pipeline(build, pipeline_options, args, label_map)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("imagenet-layout finished: %s", meta["counts"])
     return meta

@@ -81,6 +81,22 @@ def beam_args_with_defaults(beam_args: Sequence[str], local_mode: str = "multi_p
     return args
 
 
+def progress_monitor(job: str, pipeline_options: PipelineOptions):
+    """A live progress line for local runs on a terminal (or with IMAGEBEAM_PROGRESS=1); off otherwise.
+
+    Use as `with progress_monitor(...) as monitor:` and hand `monitor.address` to the job's DoFns.
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from imagebeam.transforms.progress import ProgressMonitor
+
+    local = is_local_runner(pipeline_options.view_as(StandardOptions).runner) or \
+        _is_embedded_portable(pipeline_options)
+    wanted = os.environ.get("IMAGEBEAM_PROGRESS", "auto").lower()
+    enabled = local and (wanted in ("1", "true", "yes") or (wanted == "auto" and sys.stderr.isatty()))
+    return ProgressMonitor(job, enabled)
+
+
 def _renamed(args: List[str], ours: str, beams: str) -> List[str]:
     """Our dashed flag spelled as Beam's option (`--dask-address X` -> `--dask_client_address X`)."""
     return [beams + a[len(ours):] if a == ours or a.startswith(ours + "=") else a for a in args]

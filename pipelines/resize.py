@@ -15,7 +15,7 @@ import argparse
 import io
 import logging
 import posixpath
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -24,6 +24,7 @@ from PIL import Image
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.resize import FIT_MODES, fit
 from imagebeam.transforms.sources import Failure, ImageBlob, IndexInputs, ReadImages
@@ -69,9 +70,11 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 class _FitAndWriteFn(beam.DoFn):
-    def __init__(self, output: str, size: int, mode: str, quality: int, max_pixels: int, exif_transpose: bool):
+    def __init__(self, output: str, size: int, mode: str, quality: int, max_pixels: int, exif_transpose: bool,
+                 progress: Optional[str] = None):
         self._output, self._size, self._mode, self._quality = output, size, mode, quality
         self._max_pixels, self._exif_transpose = max_pixels, exif_transpose
+        self._progress = ProgressTicker(progress)
 
     def process(self, blob: ImageBlob):
         try:
@@ -79,10 +82,15 @@ class _FitAndWriteFn(beam.DoFn):
             name, fmt = output_name_and_format(blob.name)
             data = encode_image(fit(img, self._size, self._mode), fmt, self._quality)
         except (DecodeError, OSError, ValueError) as exc:
+            self._progress.tick(failed=1)
             yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
             return
         fileutil.write_atomically(fileutil.join(self._output, name), data)
+        self._progress.tick(ok=1)
         yield name
+
+    def finish_bundle(self):
+        self._progress.flush()
 
 
 def folder_of(name: str) -> str:
@@ -95,6 +103,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     blobs, read_failures = indexed | "ReadImages" >> ReadImages()
     out = blobs | "FitAndWrite" >> beam.ParDo(_FitAndWriteFn(
         args.output, args.size, args.mode, args.quality, args.max_pixels, args.exif_transpose,
+        getattr(args, "progress", None),
     )).with_outputs(FAILURES, main="written")
     # metadata lists images per top-level folder (one entry per class), not one line per image
     files = (out.written
@@ -116,7 +125,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if args.size < 1 or not 1 <= args.quality <= 100:
         raise SystemExit("--size must be positive and --quality in 1..100")
     fileutil.ensure_dir(args.output)
-    job_options.run_pipeline(build, pipeline_options, args)
+    with job_options.progress_monitor("resize", pipeline_options) as monitor:
+        args.progress = monitor.address
+        job_options.run_pipeline(build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("resize finished: %s", meta["counts"])
     return meta

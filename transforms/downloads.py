@@ -32,6 +32,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from imagebeam.transforms.decode import DecodeError, probe_image
 from imagebeam.transforms.fetch import FetchConfig, Fetcher, is_transient
 from imagebeam.transforms.fileutil import join, write_atomically
+from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.sources import Failure, ImageBlob
 from imagebeam.transforms.url_lists import UrlEntry, url_md5
 
@@ -158,8 +159,10 @@ class FetchFn(beam.DoFn):
     download/failed_<status>, download/bytes, download/throttled_ms, download/retries.
     """
 
-    def __init__(self, config: FetchConfig, output_dir: Optional[str] = None, full_decode: bool = True):
+    def __init__(self, config: FetchConfig, output_dir: Optional[str] = None, full_decode: bool = True,
+                 progress: Optional[str] = None):
         self._config, self._output, self._full_decode = config, output_dir, full_decode
+        self._progress = ProgressTicker(progress)
         self._bytes = beam.metrics.Metrics.counter("download", "bytes")
         self._throttled = beam.metrics.Metrics.counter("download", "throttled_ms")
         self._retries = beam.metrics.Metrics.counter("download", "retries")
@@ -183,6 +186,7 @@ class FetchFn(beam.DoFn):
         """Counters are updated here, on the bundle's thread (Beam's metrics are per thread)."""
         status = result.record["status"]
         beam.metrics.Metrics.counter("download", "ok" if status == "ok" else f"failed_{status}").inc()
+        self._progress.tick(ok=status == "ok", failed=status != "ok")
         self._bytes.inc(result.record["bytes"] or 0)
         self._throttled.inc(int(result.throttled * 1000))
         self._retries.inc(max(0, result.attempts - 1))
@@ -211,6 +215,7 @@ class FetchFn(beam.DoFn):
                 yield WindowedValue(result, MIN_TIMESTAMP, [GlobalWindow()])
         if self._journal is not None:
             self._journal.flush()
+        self._progress.flush()
 
     def teardown(self):
         pool = getattr(self, "_pool", None)

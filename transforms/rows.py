@@ -6,13 +6,14 @@ never renumbers the classes).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam import pvalue
 
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.labels import LabelError, LabelMap, sorted_class_map
+from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.resize import fast_draft_size, planar_row, squash
 from imagebeam.transforms.sources import Failure, ImageBlob
 
@@ -30,7 +31,9 @@ class Row(NamedTuple):
 class _DecodeResizeFn(beam.DoFn):
     """Label, decode by content, convert to RGB, squash to S x S; anything wrong becomes a Failure."""
 
-    def __init__(self, size: int, algorithm: str, fast_decode: bool, max_pixels: int, exif_transpose: bool):
+    def __init__(self, size: int, algorithm: str, fast_decode: bool, max_pixels: int, exif_transpose: bool,
+                 progress: Optional[str] = None):
+        self._progress = ProgressTicker(progress)
         self._size = size
         self._algorithm = algorithm
         self._draft = fast_draft_size(size) if fast_decode else None
@@ -47,10 +50,15 @@ class _DecodeResizeFn(beam.DoFn):
             pixels = planar_row(squash(img, self._size, self._algorithm)).tobytes()
         except (DecodeError, LabelError) as exc:
             self._failed.inc()
+            self._progress.tick(failed=1)
             yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
             return
         self._decoded.inc()
+        self._progress.tick(ok=1)
         yield Row(blob.name, blob.source, label, pixels)
+
+    def finish_bundle(self):
+        self._progress.flush()
 
 
 class LabelMapFromKeys(beam.PTransform):
@@ -70,10 +78,10 @@ class DecodeToRows(beam.PTransform):
     """blobs -> (rows, failures), given a LabelMap or a singleton PCollection holding one."""
 
     def __init__(self, label_map, size: int, algorithm: str = "box", fast_decode: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False, progress: Optional[str] = None):
         super().__init__()
         self._label_map = label_map
-        self._fn = _DecodeResizeFn(size, algorithm, fast_decode, max_pixels, exif_transpose)
+        self._fn = _DecodeResizeFn(size, algorithm, fast_decode, max_pixels, exif_transpose, progress)
 
     def expand(self, blobs):
         label_map = self._label_map
