@@ -52,6 +52,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="models per worker machine, shared by its processes (GPU workers); default: one "
                         "per process")
     p.add_argument("--precision", choices=PRECISIONS, default="float32")
+    p.add_argument("--embedding-accelerator", default=None, metavar="HINT",
+                   help="Beam accelerator resource hint for the embedding step only, e.g. "
+                        "'type:nvidia-tesla-t4;count:1;install-nvidia-driver': on Dataflow only that step "
+                        "runs on GPU workers (other runners may ignore it); default: none")
     p.add_argument("--record-format", choices=RECORD_FORMATS, default="reference",
                    help="reference: float features as koalarization reads them; compact: L and ab as "
                         "8-bit bytes (about 4x smaller; read with imagebeam's read_lab_records)")
@@ -101,8 +105,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     if args.embedding == "none":
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
-        embedded, embed_failures = chunks | "EmbedChunks" >> EmbedChunks(
-            args.inception_weights, args.precision, args.model_copies)
+        embed = EmbedChunks(args.inception_weights, args.precision, args.model_copies)
+        if args.embedding_accelerator:
+            embed = embed.with_resource_hints(accelerator=args.embedding_accelerator)
+        embedded, embed_failures = chunks | "EmbedChunks" >> embed
         failure_sets.append(embed_failures)
     files = embedded | "WriteRecordFiles" >> WriteRecordFiles(
         args.output, staging, args.record_format, args.examples_per_file, args.compression)
