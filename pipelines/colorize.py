@@ -26,6 +26,7 @@ from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
 from imagebeam.transforms.lab_records import RECORD_FORMATS
 from imagebeam.transforms.lab_shards import (FILE_PREFIX, BucketCount, CheckDecode, FitParams, OrderedChunks,
                                               WriteRecordFiles, fit_chunk)
+from imagebeam.transforms.progress import ReportTotal
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
 from imagebeam.transforms.resize import FIT_MODES
 from imagebeam.transforms.inputs import ReadInputs
@@ -94,6 +95,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     inputs = p | "ReadInputs" >> ReadInputs(args.input, network_options.fetch_config(args),
                                             network_options.list_columns(args))
     n_buckets = inputs.estimates | "BucketCount" >> BucketCount(args.buckets)
+    _ = inputs.estimates | "ProgressTotal" >> ReportTotal(getattr(args, "progress", None))
     blobs, read_failures = inputs.blobs, inputs.failures
     params = FitParams(args.mode, args.max_pixels, args.exif_transpose)
     items, decode_failures = blobs | "CheckDecode" >> CheckDecode(n_buckets, args.seed, args.val_fraction, params)
@@ -111,7 +113,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         embedded, embed_failures = chunks | "EmbedChunks" >> embed
         failure_sets.append(embed_failures)
     files = embedded | "WriteRecordFiles" >> WriteRecordFiles(
-        args.output, staging, args.record_format, args.examples_per_file, args.compression)
+        args.output, staging, args.record_format, args.examples_per_file, args.compression,
+        getattr(args, "progress", None))
 
     n_failed = tuple(failure_sets) | "AllFailures" >> beam.Flatten() | "WriteFailures" >> WriteFailures(args.output)
     n_read = (blobs, read_failures) | "CountRead" >> CountAll()
@@ -170,7 +173,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
                      "(tests and demos only); metadata.json says so")
     fileutil.ensure_dir(args.output)
     remove_previous_outputs(args.output)
-    job_options.run_pipeline(build, pipeline_options, args)
+    with job_options.progress_monitor("colorize", pipeline_options) as monitor:
+        args.progress = monitor.address
+        job_options.run_pipeline(build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("colorize finished: %s", meta["counts"])
     return meta

@@ -25,6 +25,7 @@ from imagebeam.transforms.batches import bucket_of, shuffle_key
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.fileutil import concat_files, join, write_atomically
 from imagebeam.transforms.lab_records import encode_example
+from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.tfrecord import frame_record
 from imagebeam.transforms.resize import fit
 from imagebeam.transforms.sources import Failure, ImageBlob
@@ -212,8 +213,12 @@ def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_
 
 
 class _WritePiecesFn(beam.DoFn):
-    def __init__(self, staging: str, record_format: str, per_file: int):
+    def __init__(self, staging: str, record_format: str, per_file: int, progress: Optional[str] = None):
         self._staging, self._format, self._per_file = staging, record_format, per_file
+        self._progress = ProgressTicker(progress)
+
+    def finish_bundle(self):
+        self._progress.flush()
 
     def process(self, element: Tuple[FittedChunk, Optional[np.ndarray]]):
         fitted, embeddings = element
@@ -223,6 +228,7 @@ class _WritePiecesFn(beam.DoFn):
             path = join(self._staging, piece_name(chunk.split, file_index, chunk.bucket, chunk.index))
             write_atomically(path, b"".join(records[start:end]))
             yield (chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start)
+        self._progress.tick(ok=len(records))
 
 
 class WriteRecordFiles(beam.PTransform):
@@ -232,12 +238,13 @@ class WriteRecordFiles(beam.PTransform):
     """
 
     def __init__(self, output: str, staging: str, record_format: str = "reference", per_file: int = 500,
-                 compression: str = "none"):
+                 compression: str = "none", progress: Optional[str] = None):
         super().__init__()
         if compression not in ("none", "gzip"):
             raise ValueError(f"unknown compression {compression!r}; choose none or gzip")
         self._output, self._staging, self._format = output, staging, record_format
         self._per_file, self._compression = per_file, compression
+        self._progress = progress
 
     def expand(self, chunks_with_embeddings):
         output, compression = self._output, self._compression
@@ -250,6 +257,7 @@ class WriteRecordFiles(beam.PTransform):
             return {"file": name, "rows": sum(p[3] for p in ordered), "split": split}
 
         return (chunks_with_embeddings
-                | "WritePieces" >> beam.ParDo(_WritePiecesFn(self._staging, self._format, self._per_file))
+                | "WritePieces" >> beam.ParDo(_WritePiecesFn(self._staging, self._format, self._per_file,
+                                                             self._progress))
                 | "GroupPiecesByFile" >> beam.GroupByKey()
                 | "ConcatPieces" >> beam.Map(write_file))
