@@ -20,6 +20,9 @@ JOBS = {
     "verify": ("imagebeam.pipelines.fetch_archive:verify_main", "check the md5 of archives on disk"),
     "imagenet-layout": ("imagebeam.pipelines.imagenet_layout",
                         "ILSVRC2012 train/val/test tars + devkit -> ROOT/{train,val}/<wnid>/, ROOT/test/"),
+    "preview": ("imagebeam.preview:preview_main", "PNG contact sheet of random samples from any imagebeam output"),
+    "inspect": ("imagebeam.inspect_outputs:inspect_main",
+                "counts, labels, sizes and format checks of an output (exit 1 on a failed check)"),
     "resize": ("imagebeam.pipelines.resize", "images -> 299x299 letterboxed image files (koalarization's resize)"),
     "demo": ("imagebeam.pipelines.demo", "build the bundled sample from real photos and run the jobs on it"),
 }
