@@ -28,7 +28,7 @@ from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import cifar, fileutil
 from imagebeam.transforms.batches import batch_dict, batch_file_name, batch_sizes, shuffle_key, write_batch
 from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.safe_pickle import UnsafePickleError
 from imagebeam.transforms.sources import Failure
 from imagebeam.transforms.tfrecord import bytes_feature, example_bytes, frame_record, int64_feature
@@ -231,8 +231,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
-    c = meta["counts"]
-    files = ", ".join(f"{f['file']} ({f['rows']})" for f in meta["files"])
-    print(f"cifar {meta['variant']} ({meta['format']}): read {c['read']}, written {c['written']}, "
-          f"failed {c['failed']} -> {files}")
+    args, _ = make_parser().parse_known_args(argv)
+    print(summary_table(f"cifar {meta['variant']} ({meta['format']})", meta, args.output))
     return 0

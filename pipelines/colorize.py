@@ -27,7 +27,7 @@ from imagebeam.transforms.lab_records import RECORD_FORMATS
 from imagebeam.transforms.lab_shards import (FILE_PREFIX, BucketCount, CheckDecode, FitParams, OrderedChunks,
                                               WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.progress import ReportTotal
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.resize import FIT_MODES
 from imagebeam.transforms.inputs import ReadInputs
 
@@ -182,7 +182,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print(summary(run(argv)))
+    meta = run(argv)
+    args, _ = make_parser().parse_known_args(argv)
+    print(summary_table(summary(meta).split(":", 1)[0], meta, args.output))
     return 0
 
 

@@ -23,7 +23,7 @@ from imagebeam.transforms import fileutil
 from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, pieces_per_batch
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.inputs import ReadInputs
 from imagebeam.transforms.progress import ReportTotal
@@ -161,7 +161,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
-    print(summary(meta))
+    args, _ = make_parser().parse_known_args(argv)
+    print(summary_table(f"downsample {meta['split']} {meta['size']}x{meta['size']}", meta, args.output))
     return 0
 
 

@@ -29,7 +29,7 @@ from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json
+from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.sources import Failure, ImageBlob, WorkUnit, index_tar, read_unit
 
 _LOG = logging.getLogger(__name__)
@@ -200,8 +200,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
-    c = meta["counts"]
-    per_split = ", ".join(f"{f['file']} {f['rows']}" for f in meta["files"]) or "nothing new"
-    print(f"imagenet-layout: {c['written']} images extracted ({per_split}), {c['failed']} refused or unreadable; "
-          f"{meta['units_extracted']} units extracted, {meta['units_skipped']} already finished")
+    args, _ = make_parser().parse_known_args(argv)
+    print(summary_table("imagenet-layout", meta, args.output, {
+        "units": f"{meta['units_extracted']} extracted now, {meta['units_skipped']} finished by earlier runs"}))
     return 0

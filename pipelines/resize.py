@@ -25,7 +25,7 @@ from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json
+from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.resize import FIT_MODES, fit
 from imagebeam.transforms.sources import Failure, ImageBlob, IndexInputs, ReadImages
 
@@ -135,8 +135,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
-    c = meta["counts"]
-    print(f"resize {meta['size']}x{meta['size']} ({meta['mode']}): read {c['read']}, written {c['written']}, "
-          f"failed {c['failed']}")
+    args, _ = make_parser().parse_known_args(argv)
+    print(summary_table(f"resize {meta['size']}x{meta['size']} ({meta['mode']})", meta, args.output))
     return 0
 

@@ -132,3 +132,33 @@ def _remove_temporaries(paths: tuple) -> None:
     existing = [p for p in paths if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)
+
+
+def failure_reasons(output: str, top: int = 5) -> List[tuple]:
+    """The commonest failure reasons in output/failures.jsonl (the text before the first ':')."""
+    path = join(output, "failures.jsonl")
+    if not FileSystems.exists(path):
+        return []
+    counts: Dict[str, int] = {}
+    with FileSystems.open(path) as f:
+        for line in f:
+            reason = json.loads(line).get("reason", "")
+            key = reason.split(":", 1)[0][:60]
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+
+
+def summary_table(title: str, meta: dict, output: str, extra: Dict[str, str] | None = None) -> str:
+    """The table a job prints when it ends: counts, files, top failure reasons, where metadata.json is."""
+    c = meta["counts"]
+    rows = [("read", str(c.get("read", ""))), ("written", str(c.get("written", ""))),
+            ("failed", f"{c.get('failed', 0)}  (failures.jsonl)")]
+    for reason, n in failure_reasons(output):
+        rows.append(("  " + reason, str(n)))
+    files = meta.get("files", [])
+    shown = ", ".join(f"{f['file']} ({f['rows']})" for f in files[:6]) + (f", … {len(files)} files" if len(files) > 6 else "")
+    rows.append(("files", shown or "none"))
+    rows += list((extra or {}).items())
+    rows.append(("metadata", join(output, "metadata.json")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in rows])
