@@ -21,10 +21,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not pipeline"
 
+# Every benchmark, then one table (10-20 min on 2 cores); `make bench BENCH_ARGS="--quick --output bench.md"`.
 bench: $(STAMP)
-	$(BIN)/python tests/benchmarks/bench_downsample.py
-	$(BIN)/python tests/benchmarks/bench_colorize.py
-	$(BIN)/python tests/benchmarks/bench_download.py
+	$(BIN)/python tests/benchmarks/bench_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-output .pytest_cache

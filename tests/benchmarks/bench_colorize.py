@@ -11,26 +11,31 @@ scaled to about 500x375, quality 90), all measured side by side in one run on th
    - reference, lean: the same without the intermediate JPEG and with anti_aliasing=False (the same
      maths as ours);
    - ours, the job's functions in a loop (decode, letterbox, 224 resize, Lab, Example, TFRecord frame);
-   - ours, the real pipeline: `imagebeam colorize --embedding none` with 1 SDK worker on a folder of N
-     images, end to end (start-up included) and steady state ((N2-N1)/(t2-t1)).
+   - ours, the real pipeline: `imagebeam colorize --embedding none` with 1 and with 2 SDK workers on a
+     folder of N images, end to end (start-up included) and steady state ((N2-N1)/(t2-t1)), with the
+     peak summed RSS of the job's whole process tree (runner + SDK workers, sampled every 0.1 s).
    Also: the cost of encoding one Example, ours vs tf.train.Example from lists.
 2. The embedding: Inception-ResNet-v2 (random weights, same compiled call as the job) on this CPU, images/s
    at batch sizes 1, 8, 32, 64.
 
-    python tests/benchmarks/bench_colorize.py [--n 200] [--n1 100] [--n2 400] [--embed-images 64]
+    python tests/benchmarks/bench_colorize.py [--n 200] [--n1 100] [--n2 400] [--embed-images 64] [--json PATH]
+
+--json PATH writes the summary bench_all.py tabulates (see common.summary): ours = the 1-worker
+pipeline's steady-state rate (`--embedding none`), per that one worker; reference = the reference as
+written, one core; 1->2 scaling = 2-worker / 1-worker steady rate; peak RSS = the largest over the
+pipeline runs.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Callable, List
 
+import common
 import numpy as np
 from PIL import Image
 
@@ -99,12 +104,10 @@ def rate(fn: Callable[[bytes], object], jpegs: List[bytes], repeat: int = 2) -> 
     return len(jpegs) / best
 
 
-def pipeline_seconds(folder: str, out: str) -> float:
+def pipeline_run(folder: str, out: str, workers: int = 1) -> common.Measurement:
     cmd = [sys.executable, "-m", "imagebeam.cli", "colorize", "--input", folder, "--output", out,
-           "--embedding", "none", "--direct_num_workers", "1"]
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+           "--embedding", "none", "--direct_num_workers", str(workers)]
+    return common.run_measured(cmd)
 
 
 def write_folder(root: str, jpegs: List[bytes], n: int) -> str:
@@ -115,7 +118,7 @@ def write_folder(root: str, jpegs: List[bytes], n: int) -> str:
     return root
 
 
-def bench_cpu_side(args, tf) -> None:
+def bench_cpu_side(args, tf) -> dict:
     jpegs = list(sample_lib.imagenet_like_jpegs(args.n, seed=0))
     emb = np.random.default_rng(0).normal(size=1001).astype(np.float32)
     ref_written = rate(lambda d: reference_record(tf, d, emb, True), jpegs[: max(20, args.n // 4)], 1)
@@ -146,18 +149,24 @@ def bench_cpu_side(args, tf) -> None:
         print(f"    {label:32s} {(time.perf_counter() - t) / 50 * 1e3:7.3f} ms")
 
     with tempfile.TemporaryDirectory() as tmp:
-        times = {}
-        for n in (args.n1, args.n2):
-            folder = write_folder(os.path.join(tmp, f"in{n}"), jpegs, n)
-            times[n] = min(pipeline_seconds(folder, os.path.join(tmp, f"out{n}")) for _ in range(args.repeat))
-        steady = (args.n2 - args.n1) / (times[args.n2] - times[args.n1])
-        print(f"  ours (pipeline, 1 worker, --embedding none): {args.n1} in {times[args.n1]:.1f} s, "
-              f"{args.n2} in {times[args.n2]:.1f} s; end to end {args.n2 / times[args.n2]:.1f} img/s, "
-              f"steady state {steady:.1f} img/s = {steady / ref_written:.1f}x as written, "
-              f"{steady / ref_lean:.1f}x lean")
+        folders = {n: write_folder(os.path.join(tmp, f"in{n}"), jpegs, n) for n in (args.n1, args.n2)}
+        states = {w: common.two_sizes(
+            lambda n, r: pipeline_run(folders[n], os.path.join(tmp, f"out{n}-{w}-{r}"), w),
+            args.n1, args.n2, args.repeat) for w in (1, 2)}
+    for w, st in states.items():
+        steady = st.rate
+        print(f"  ours (pipeline, {w} worker{'s' if w > 1 else ''}, --embedding none): {args.n1} in "
+              f"{st.walls[args.n1]:.1f} s, {args.n2} in {st.walls[args.n2]:.1f} s; end to end "
+              f"{st.end_to_end(args.n2):.1f} img/s, steady state {steady:.1f} img/s = "
+              f"{steady / ref_written:.1f}x as written, {steady / ref_lean:.1f}x lean; peak RSS "
+              f"{st.peaks[args.n1] / common.MIB:.0f} MiB @ {args.n1}, {st.peaks[args.n2] / common.MIB:.0f} MiB @ "
+              f"{args.n2}; CPU {st.cores_busy:.2f} cores busy (steady)")
+    scaling = common.ratio(states[2].rate, states[1].rate)
+    print(f"  ours (pipeline) 2 workers / 1 worker: {scaling or float('nan'):.2f}x")
+    return {"ref_written": ref_written, "ref_lean": ref_lean, "loop": ours, "states": states, "scaling": scaling}
 
 
-def bench_embedding(args) -> None:
+def bench_embedding(args) -> dict:
     from imagebeam.transforms import inception
     from imagebeam.transforms.embedding import _Embedder
 
@@ -166,7 +175,7 @@ def bench_embedding(args) -> None:
     grey = np.stack([colour.grey_uint8(np.asarray(letterbox(decode_rgb(d)))) for d in jpegs])
     print(f"Embedding (Inception-ResNet-v2, float32, this CPU: {os.cpu_count()} cores), {args.embed_images} "
           "images per batch size:")
-    base = None
+    base, rates = None, {}
     for bs in (1, 8, 32, 64):
         batch = colour.inception_input(grey[np.arange(bs) % len(grey)])
         model(batch)  # trace + warm up
@@ -176,7 +185,9 @@ def bench_embedding(args) -> None:
             model(batch)
         ips = calls * bs / (time.perf_counter() - t)
         base = base or ips
+        rates[str(bs)] = ips
         print(f"  batch {bs:3d}: {ips:7.2f} img/s  ({ips / base:4.2f}x batch 1)")
+    return rates
 
 
 def main(argv=None) -> None:
@@ -187,15 +198,41 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--embed-images", type=int, default=64)
     p.add_argument("--skip-embedding", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="write a summary dict (for bench_all.py)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}")
-    bench_cpu_side(args, tf)
-    if not args.skip_embedding:
-        bench_embedding(args)
+    print(common.machine_line(common.machine()))
+    cpu = bench_cpu_side(args, tf)
+    embedding = None if args.skip_embedding else bench_embedding(args)
+    st1, n_ref = cpu["states"][1], max(20, args.n // 4)
+    common.write_json(args.json, common.summary(
+        "colorize", ours=st1.rate, cores_used=1,
+        how=(f"steady-state rate (N2-N1)/(t2-t1) of `imagebeam colorize --embedding none "
+             f"--direct_num_workers 1` on folders of N1={args.n1}, N2={args.n2} JPEGs (fastest of "
+             f"{args.repeat} run(s) per size), divided by its 1 SDK worker; the runner process's own CPU is "
+             "not in the divisor (see cores_busy_steady); the Inception embedding is left out"),
+        reference_rate=cpu["ref_written"],
+        reference=("deep-koalarization's CPU side as written, one core: Pillow letterbox (resize_contain, "
+                   "Lanczos), 299 JPEG written and re-decoded, skimage resize 224 (anti-aliased), rgb2lab "
+                   f"float64, tf.train.Example from float lists; {n_ref} images"),
+        scaling=cpu["scaling"], peak_rss=max(st.peak for st in cpu["states"].values()),
+        peak_rss_how=(f"largest summed RSS of the job's process tree (runner + SDK workers), sampled every "
+                      f"{common.SAMPLE_S} s, over the pipeline runs (1 and 2 workers, N1 and N2)"),
+        steady_images_per_s={f"{w} worker(s)": st.rate for w, st in cpu["states"].items()},
+        end_to_end_images_per_s={f"{w} worker(s)": {str(n): st.end_to_end(n) for n in (args.n1, args.n2)}
+                                 for w, st in cpu["states"].items()},
+        peak_rss_mib_by_run={f"{w} worker(s)": {str(n): st.peaks[n] / common.MIB for n in (args.n1, args.n2)}
+                             for w, st in cpu["states"].items()},
+        cores_busy_steady=st1.cores_busy, images_per_cpu_s_steady=st1.per_cpu_s,
+        reference_lean_images_per_s=cpu["ref_lean"], function_loop_images_per_s=cpu["loop"],
+        embedding_images_per_s_by_batch=embedding,
+        notes="; ".join(filter(None, (
+            f"--embedding none; the 1-worker job kept {common.fmt(st1.cores_busy)} cores busy",
+            f"function loop {cpu['loop']:.0f}/s ({cpu['loop'] / cpu['ref_written']:.1f}x ref)",
+            f"reference lean {cpu['ref_lean']:.0f}/s", f"N={args.n1}/{args.n2}",
+            common.unmeasurable({f"{w} worker(s)": st for w, st in cpu["states"].items()}))))))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,18 @@ and written to disk.
 1. sequential: the reference's approach, one URL at a time (urllib, 5 s timeout), each image decoded
    with Pillow and written as md5(url).jpeg; measured on the first S URLs (it is slow by design);
 2. ours, the fetcher alone: `download_one` (the job's per-URL function) on a thread pool, in-process;
-3. ours, the job: `imagebeam download` as a command (local runner, one SDK worker per core), wall time
+3. ours, the job: `imagebeam download` as a command (local runner, in-process: in_memory mode), wall time
    from start to finish including Beam's start-up and the manifest, and the download phase alone
-   (first to last file written).
+   (first to last file written); with the peak summed RSS of the job's process tree (sampled every
+   0.1 s) and the CPU it used during the download phase.
 
     python tests/benchmarks/bench_download.py [--n 2000] [--latency 0.1] [--sequential 150] [--threads 128]
+                                              [--json PATH]
+
+--json PATH writes the summary bench_all.py tabulates (see common.summary). The job runs in-process (the
+local runner's in_memory mode: one Python process, the downloads on its thread pool, no SDK worker
+processes), so ours = the download-phase rate divided by the 1 process it runs in; reference = the
+sequential downloader; 1->2 workers does not apply (it scales by threads; see scaling_note).
 """
 from __future__ import annotations
 
@@ -21,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +36,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
+import common
 from PIL import Image
 
 from imagebeam import sample as sample_lib
@@ -78,16 +85,16 @@ def fetcher_alone(urls: List[str], out: str, threads: int) -> float:
 
 
 def job(listing: str, out: str, threads: int) -> dict:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "imagebeam.cli", "download", "--input", listing, "--output", out,
-                    "--allow-private-networks", "--threads", str(threads), "--per-host", str(threads)],
-                   check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
+    run = common.run_measured([sys.executable, "-m", "imagebeam.cli", "download", "--input", listing,
+                               "--output", out, "--allow-private-networks", "--threads", str(threads),
+                               "--per-host", str(threads)])
     with open(os.path.join(out, "metadata.json")) as f:
         meta = json.load(f)
     mtimes = sorted(os.stat(os.path.join(out, n)).st_mtime for n in os.listdir(out) if n.endswith(".jpeg"))
-    return {"wall": wall, "ok": meta["counts"]["ok"], "urls": meta["counts"]["urls"],
-            "download_phase": mtimes[-1] - mtimes[0] if len(mtimes) > 1 else float("nan")}
+    phase = mtimes[-1] - mtimes[0] if len(mtimes) > 1 else float("nan")
+    return {"wall": run.wall, "ok": meta["counts"]["ok"], "urls": meta["counts"]["urls"], "download_phase": phase,
+            "peak_rss": run.peak_rss, "cpu_s": run.cpu_s,
+            "phase_cores_busy": run.cpu_between(mtimes[0], mtimes[-1]) / phase if phase > 0 else float("nan")}
 
 
 def main() -> None:
@@ -96,7 +103,9 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--sequential", type=int, default=150, help="URLs for the sequential baseline")
     ap.add_argument("--threads", type=int, default=128, help="threads (and per-host limit) per worker")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write a summary dict (for bench_all.py)")
     args = ap.parse_args()
+    machine = common.machine()
 
     work = tempfile.mkdtemp(prefix="bench-download-")
     root = os.path.join(work, "served")
@@ -107,8 +116,7 @@ def main() -> None:
         with open(os.path.join(root, f"img{i:05d}.jpg"), "wb") as f:
             f.write(data)
         sizes.append(len(data))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
+    print(common.machine_line(machine))
     print(f"workload: {args.n} distinct JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KiB, "
           f"{args.latency * 1000:.0f} ms added latency per response (made in {time.perf_counter() - t:.1f} s)")
     server, port = start_server(root, args.latency, work)
@@ -130,10 +138,37 @@ def main() -> None:
               f"{result['wall']:.1f} s): {end_to_end:8.1f} images/s ({end_to_end / seq:.1f}x sequential)")
         print(f"ours, imagebeam download, download phase "
               f"({result['download_phase']:.1f} s):         {phase:8.1f} images/s ({phase / seq:.1f}x sequential)")
+        print(f"ours, imagebeam download, peak RSS of the job's process tree "
+              f"{result['peak_rss'] / common.MIB:.0f} MiB, CPU {result['cpu_s']:.1f} s in all, "
+              f"{result['phase_cores_busy']:.2f} cores busy in the download phase")
         check = [url_md5(u) + ".jpeg" for u in urls[:3]]
         for name, i in zip(check, range(3)):
             with open(os.path.join(work, "job", name), "rb") as a, open(os.path.join(root, f"img{i:05d}.jpg"), "rb") as b:
                 assert a.read() == b.read(), "stored bytes differ from the served ones"
+        common.write_json(args.json, common.summary(
+            "download", ours=phase, cores_used=1,
+            how=(f"download-phase rate of `imagebeam download --threads {args.threads} --per-host "
+                 f"{args.threads}` ({result['ok']} images / first-to-last file written, "
+                 f"{result['download_phase']:.1f} s) divided by 1: the job runs in-process (local runner in "
+                 "in_memory mode: one Python process, downloads on its thread pool, no SDK worker processes); "
+                 f"that process kept {common.fmt(result['phase_cores_busy'])} cores busy during the phase "
+                 "(phase_cores_busy)"),
+            reference_rate=seq,
+            reference=(f"sequential downloader, one URL at a time in one process (urllib, 5 s timeout, Pillow "
+                       f"decode to validate, write md5(url).jpeg); first {args.sequential} URLs"),
+            ratio_to_reference=common.ratio(phase, seq),
+            scaling=None,
+            scaling_note=("1->2 workers does not apply: the job is network-bound and runs in one process; it "
+                          f"scales by threads (--threads, here {args.threads}), not by worker processes"),
+            peak_rss=result["peak_rss"],
+            peak_rss_how=(f"largest summed RSS of the job's process tree (the one process and any children), "
+                          f"sampled every {common.SAMPLE_S} s, over the job run"),
+            end_to_end_images_per_s=end_to_end, fetcher_alone_images_per_s=alone,
+            phase_cores_busy=result["phase_cores_busy"], job_cpu_s=result["cpu_s"],
+            latency_s=args.latency, n=args.n,
+            notes=(f"in-process job, {args.threads} threads, {args.latency * 1000:.0f} ms latency per response, "
+                   f"{args.n} URLs; {common.fmt(result['phase_cores_busy'])} cores busy in the phase; end to end "
+                   f"{end_to_end:.0f}/s; scales by threads, not workers")))
     finally:
         server.terminate()
         server.wait()
