@@ -1,7 +1,8 @@
 """imagebeam cifar: CIFAR-10/100 python archives -> the seed's processed pickle, TFRecords or Imagenet32 batches.
 
-    Batches (one work unit per pickle) -> ReadBatch (safe unpickler, NHWC) -> Sharpen (per image, the seed's
-    5x5 kernel) -> OrderKey (train: seeded permutation; test: original order) -> GroupBySplit -> WriteOutputs
+    Batches (one work unit per pickle) -> ReadBatch (safe unpickler, NHWC chunks of 2,000 images) -> Spread
+    -> Sharpen (the seed's 5x5 kernel on every image) -> GroupBySplit / AllChunks -> order (train: seeded
+    permutation; test: original order) -> WriteOutputs
     unreadable batches -> failures.jsonl; counts + files -> metadata.json (written last)
 
 `--format pickle` (default) writes `CIFAR_100_processed.pickle` (or `CIFAR_10_…`) with the seed's keys:
@@ -17,7 +18,7 @@ import argparse
 import io
 import logging
 import pickle
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -28,7 +29,7 @@ from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import cifar, fileutil
 from imagebeam.transforms.batches import batch_dict, batch_file_name, batch_sizes, shuffle_key, write_batch
 from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.safe_pickle import UnsafePickleError
 from imagebeam.transforms.sources import Failure
 from imagebeam.transforms.tfrecord import bytes_feature, example_bytes, frame_record, int64_feature
@@ -53,7 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 class _ReadBatchFn(beam.DoFn):
-    """(split, batch index, member) -> CifarImage per image; an unreadable batch -> one Failure."""
+    """(split, batch index, member) -> CifarChunks of the batch; an unreadable batch -> one Failure."""
 
     def __init__(self, layout: cifar.CifarLayout, progress: Optional[str] = None):
         self._layout = layout
@@ -62,38 +63,50 @@ class _ReadBatchFn(beam.DoFn):
     def process(self, unit):
         split, index, member = unit
         try:
-            images = list(cifar.batch_images(self._layout, split, index, cifar.read_member(self._layout, member)))
+            chunks = list(cifar.batch_chunks(self._layout, split, index, cifar.read_member(self._layout, member)))
         except (UnsafePickleError, ValueError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError) as exc:
             self._progress.tick(failed=1)
             yield pvalue.TaggedOutput(FAILURES, Failure(self._layout.root, member, f"unreadable CIFAR batch: {exc}"))
             return
-        self._progress.tick(ok=len(images))
-        yield from images
+        self._progress.tick(ok=sum(len(c.labels) for c in chunks))
+        yield from chunks
 
     def finish_bundle(self):
         self._progress.flush()
 
 
-def sharpen_image(image: cifar.CifarImage) -> cifar.CifarImage:
-    pixels = np.frombuffer(image.pixels, dtype=np.uint8).reshape(32, 32, 3)
-    return image._replace(pixels=cifar.sharpen(pixels).tobytes())
+def sharpen_chunk(chunk: cifar.CifarChunk) -> cifar.CifarChunk:
+    """The seed's kernel on every image of the chunk (vectorised over the chunk, per image maths)."""
+    return chunk._replace(pixels=cifar.sharpen(chunk.pixels))
 
 
-def order_key(image: cifar.CifarImage, seed: int) -> bytes:
-    """Train: the seeded permutation (keyed hash of the image's place); test: the original order."""
-    if image.split == "train":
-        return shuffle_key(seed, f"{image.batch}/{image.index}")
-    return image.batch.to_bytes(4, "big") + image.index.to_bytes(4, "big")
+class Gathered(NamedTuple):
+    """One split's images in output order."""
+    pixels: np.ndarray
+    labels: np.ndarray
+    coarse: Optional[np.ndarray]
+    ids: List[str]
 
 
-def ordered(images: List[cifar.CifarImage], seed: int) -> List[cifar.CifarImage]:
-    return sorted(images, key=lambda im: order_key(im, seed))
-
-
-def stack(images: List[cifar.CifarImage]) -> np.ndarray:
-    if not images:
-        return np.zeros((0, 32, 32, 3), dtype=np.uint8)
-    return np.frombuffer(b"".join(im.pixels for im in images), dtype=np.uint8).reshape(-1, 32, 32, 3)
+def gather(chunks: List[cifar.CifarChunk], split: str, seed: int) -> Gathered:
+    """Train: the seeded permutation (keyed BLAKE2 of each image's batch/index); test: the original order."""
+    chunks = sorted((c for c in chunks if c.split == split), key=lambda c: (c.batch, c.start))
+    if not chunks:
+        return Gathered(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), None, [])
+    places = [(c.batch, c.start + i) for c in chunks for i in range(len(c.labels))]
+    ids = []
+    for c in chunks:
+        ids += [name or f"{split}_{c.batch}_{c.start + i}" for i, name in enumerate(c.filenames)]
+    pixels = np.concatenate([c.pixels for c in chunks])
+    labels = np.concatenate([c.labels for c in chunks])
+    coarse = None if chunks[0].coarse is None else np.concatenate([c.coarse for c in chunks])
+    if split == "train":
+        keys = [shuffle_key(seed, f"{b}/{i}") for b, i in places]
+        order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+        pixels, labels = pixels[order], labels[order]
+        coarse = None if coarse is None else coarse[order]
+        ids = [ids[k] for k in order]
+    return Gathered(np.ascontiguousarray(pixels), labels, coarse, ids)
 
 
 def processed_file_name(variant: str) -> str:
@@ -101,60 +114,62 @@ def processed_file_name(variant: str) -> str:
 
 
 def write_processed_pickle(output: str, variant: str, names: List[bytes], seed: int,
-                           images: List[cifar.CifarImage]) -> List[dict]:
+                           chunks: List[cifar.CifarChunk]) -> List[dict]:
     """The seed's single pickle (HIGHEST_PROTOCOL, as the seed saves it)."""
-    train = ordered([im for im in images if im.split == "train"], seed)
-    test = ordered([im for im in images if im.split == "test"], seed)
-    save = {"train_dataset": stack(train), "train_labels": np.array([im.label for im in train], dtype=np.int64),
-            "test_dataset": stack(test), "test_labels": np.array([im.label for im in test], dtype=np.int64),
-            "label_names": list(names)}
+    train, test = gather(chunks, "train", seed), gather(chunks, "test", seed)
+    save = {"train_dataset": train.pixels, "train_labels": train.labels,
+            "test_dataset": test.pixels, "test_labels": test.labels, "label_names": list(names)}
     name = processed_file_name(variant)
     fileutil.write_with(fileutil.join(output, name), lambda f: pickle.dump(save, f, pickle.HIGHEST_PROTOCOL))
-    return [{"file": name, "rows": len(train) + len(test)}]
+    return [{"file": name, "rows": len(train.labels) + len(test.labels)}]
 
 
-def png_bytes(pixels: bytes) -> bytes:
+def png_bytes(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
-    Image.frombytes("RGB", (32, 32), pixels).save(out, "PNG", optimize=False, compress_level=6)
+    Image.fromarray(pixels, "RGB").save(out, "PNG", optimize=False, compress_level=6)
     return out.getvalue()
 
 
-def cifar_example(image: cifar.CifarImage) -> bytes:
-    features = {"image": bytes_feature(png_bytes(image.pixels)), "label": int64_feature([image.label]),
-                "id": bytes_feature((image.filename or f"{image.split}_{image.batch}_{image.index}").encode())}
-    if image.coarse_label is not None:
-        features["coarse_label"] = int64_feature([image.coarse_label])
+def cifar_example(pixels: np.ndarray, label: int, coarse: Optional[int], image_id: str) -> bytes:
+    features = {"image": bytes_feature(png_bytes(pixels)), "label": int64_feature([label]),
+                "id": bytes_feature(image_id.encode())}
+    if coarse is not None:
+        features["coarse_label"] = int64_feature([coarse])
     return example_bytes(features)
 
 
 def write_tfrecords(output: str, variant: str, per_file: int, seed: int, element) -> List[dict]:
-    split, images = element
-    images = ordered(list(images), seed)
-    n_files = max(1, -(-len(images) // per_file))
+    split, chunks = element
+    g = gather(list(chunks), split, seed)
+    n = len(g.labels)
+    n_files = max(1, -(-n // per_file))
     files = []
     for k in range(n_files):
-        chunk = images[k * per_file:(k + 1) * per_file]
+        rows = range(k * per_file, min(n, (k + 1) * per_file))
         name = f"{variant}-{split}.tfrecord-{k:05d}-of-{n_files:05d}"
-        fileutil.write_atomically(fileutil.join(output, name), b"".join(frame_record(cifar_example(im)) for im in chunk))
-        files.append({"file": name, "rows": len(chunk), "split": split})
+        records = (frame_record(cifar_example(g.pixels[i], int(g.labels[i]),
+                                              None if g.coarse is None else int(g.coarse[i]), g.ids[i]))
+                   for i in rows)
+        fileutil.write_atomically(fileutil.join(output, name), b"".join(records))
+        files.append({"file": name, "rows": len(rows), "split": split})
     return files
 
 
-def planar_rows(images: List[cifar.CifarImage]) -> np.ndarray:
-    return stack(images).transpose(0, 3, 1, 2).reshape(len(images), 3072)
+def planar_rows(pixels: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).reshape(len(pixels), 3072))
 
 
 def write_imagenet32(output: str, batches: int, seed: int, element) -> List[dict]:
     """Imagenet32-style batches: channel-planar rows, labels + 1 (1-based), the exact train mean."""
-    split, images = element
-    images = ordered(list(images), seed)
-    rows = planar_rows(images)
-    labels = [im.label + 1 for im in images]
+    split, chunks = element
+    g = gather(list(chunks), split, seed)
+    rows = planar_rows(g.pixels)
+    labels = [int(label) + 1 for label in g.labels]
     files = []
     if split == "train":
-        mean = rows.astype(np.float64).mean(axis=0) if len(images) else np.zeros(3072)
+        mean = rows.astype(np.float64).mean(axis=0) if len(labels) else np.zeros(3072)
         start = 0
-        for index, size in enumerate(batch_sizes(len(images), batches)):
+        for index, size in enumerate(batch_sizes(len(labels), batches)):
             name = batch_file_name(index, True, "pickle")
             write_batch(fileutil.join(output, name), "pickle", batch_dict(rows[start:start + size],
                                                                           labels[start:start + size], mean))
@@ -163,7 +178,7 @@ def write_imagenet32(output: str, batches: int, seed: int, element) -> List[dict
     else:
         name = batch_file_name(0, False, "pickle")
         write_batch(fileutil.join(output, name), "pickle", batch_dict(rows, labels, None))
-        files.append({"file": name, "rows": len(images), "split": split})
+        files.append({"file": name, "rows": len(labels), "split": split})
     return files
 
 
@@ -176,17 +191,18 @@ def build(p: beam.Pipeline, args: argparse.Namespace, layout: cifar.CifarLayout,
     units = [(split, i, member) for split in ("train", "test") for i, member in enumerate(layout.batches(split))]
     read = (p
             | "Batches" >> beam.Create(units)
-            | "Spread" >> beam.Reshuffle()
+            | "SpreadBatches" >> beam.Reshuffle()
             | "ReadBatch" >> beam.ParDo(_ReadBatchFn(layout, getattr(args, "progress", None)))
-            .with_outputs(FAILURES, main="images"))
-    images = read.images if args.no_sharpen else read.images | "Sharpen" >> beam.Map(sharpen_image)
+            .with_outputs(FAILURES, main="chunks"))
+    chunks = read.chunks | "Spread" >> beam.Reshuffle()
+    images = chunks if args.no_sharpen else chunks | "Sharpen" >> beam.Map(sharpen_chunk)
     if args.format == "pickle":
         files = (images
-                 | "AllImages" >> beam.combiners.ToList()
+                 | "AllChunks" >> beam.combiners.ToList()
                  | "WritePickle" >> beam.FlatMap(lambda ims: write_processed_pickle(
                      args.output, layout.variant, names, args.seed, ims)))
     else:
-        by_split = images | "KeyBySplit" >> beam.Map(lambda im: (im.split, im)) | "GroupBySplit" >> beam.GroupByKey()
+        by_split = images | "KeyBySplit" >> beam.Map(lambda c: (c.split, c)) | "GroupBySplit" >> beam.GroupByKey()
         if args.format == "tfrecord":
             writer = beam.FlatMap(lambda e: write_tfrecords(args.output, layout.variant, args.examples_per_file,
                                                             args.seed, e))
@@ -194,7 +210,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace, layout: cifar.CifarLayout,
             writer = beam.FlatMap(lambda e: write_imagenet32(args.output, args.batches, args.seed, e))
         files = by_split | "WriteFiles" >> writer
     n_failed = read[FAILURES] | "WriteFailures" >> WriteFailures(args.output)
-    n_read = (read.images, read[FAILURES]) | "CountRead" >> CountAll()
+    n_read = ((read.chunks | "ImagesPerChunk" >> beam.Map(lambda c: len(c.labels)),
+               read[FAILURES] | "OnePerFailure" >> beam.Map(lambda _: 1))
+              | "AllRead" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum))
     _ = p | "WriteMetadata" >> WriteMetadata(args.output, counts={"read": n_read, "failed": n_failed}, files=files,
                                              extra=job_facts(args, layout, names))
 

@@ -154,6 +154,29 @@ def batch_images(layout: CifarLayout, split: str, batch_index: int, batch: dict)
                          None if coarse is None else int(coarse[i]), _text(names[i]))
 
 
+class CifarChunk(NamedTuple):
+    """Consecutive images of one batch as arrays: the unit the CIFAR job moves between workers."""
+    split: str
+    batch: int
+    start: int                    # index of the first image in its batch
+    pixels: np.ndarray            # (n, 32, 32, 3) uint8
+    labels: np.ndarray            # (n,) int64
+    coarse: Optional[np.ndarray]  # (n,) int64, CIFAR-100 only
+    filenames: Tuple[str, ...]
+
+
+def batch_chunks(layout: CifarLayout, split: str, batch_index: int, batch: dict,
+                 size: int = 2000) -> Iterator[CifarChunk]:
+    """One batch dict as chunks of at most `size` images (NHWC), checked like `batch_images`."""
+    images = list(batch_images(layout, split, batch_index, batch))  # validates lengths and shapes
+    hwc = to_nhwc(np.asarray(batch[b"data"], dtype=np.uint8))
+    for start in range(0, len(images), size):
+        part = images[start:start + size]
+        coarse = None if part[0].coarse_label is None else np.array([im.coarse_label for im in part], np.int64)
+        yield CifarChunk(split, batch_index, start, hwc[start:start + len(part)],
+                         np.array([im.label for im in part], np.int64), coarse, tuple(im.filename for im in part))
+
+
 def to_nhwc(data: np.ndarray) -> np.ndarray:
     """(n, 3072) channel-planar rows -> (n, 32, 32, 3), the seed's reshape."""
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
