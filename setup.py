@@ -1,6 +1,8 @@
 """imagebeam: Apache Beam pipelines that turn raw image collections into training-ready datasets."""
 from setuptools import setup
 
+DASK = ["dask[distributed]>=2024.4.2,<2027", "distributed>=2024.4.2,<2027"]
+
 setup(
     name="imagebeam",
     version="0.1.0",
@@ -30,11 +32,16 @@ setup(
     extras_require={
         # Real photos for the bundled sample (`imagebeam demo`) and the test fixtures.
         "sample": ["scikit-image>=0.22", "scikit-learn>=1.3"],
+        # `--runner dask` (pipelines/dask_runner.py). The floor is apache-beam 2.77's own `[dask]` extra;
+        # tested with 2024.4.2 and 2026.8.0. The ceiling guards the dask.bag graph internals the runner
+        # builds on (task tuples in a HighLevelGraph).
+        "dask": DASK,
         "test": [
             "scikit-image>=0.22",
             "scikit-learn>=1.3",
             "pytest>=8",
             "pytest-xdist>=3",
+            *DASK,  # tests/test_dask.py runs the jobs on a real local dask.distributed cluster
         ],
     },
     entry_points={"console_scripts": ["imagebeam=imagebeam.cli:main"]},
