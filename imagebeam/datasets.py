@@ -44,10 +44,6 @@ def _get(d: Mapping[Any, Any], key: str) -> Any:
     return d[key.encode("ascii")]
 
 
-def _has(d: Mapping[Any, Any], key: str) -> bool:
-    return key in d or key.encode("ascii") in d
-
-
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
 
@@ -189,17 +185,12 @@ def load_cifar_python(path_or_dir: str, split: str = "train"
     layout = cifar.find_layout(path_or_dir)
     batches = layout.batches(split)
     members = cifar.read_members(layout, (*batches, layout.meta))
-    parts = [members[name] for name in batches]
-    data = np.concatenate([np.asarray(_get(p, "data"), dtype=np.uint8) for p in parts])
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path_or_dir}: CIFAR 'data' must be (n, 3072), got {data.shape}")
-    x = cifar.to_nhwc(data)
-    fine = np.concatenate([np.asarray(_get(p, layout.label_key.decode()), dtype=np.int64) for p in parts])
-    coarse = (np.concatenate([np.asarray(_get(p, "coarse_labels"), dtype=np.int64) for p in parts])
-              if layout.variant == "cifar100" and all(_has(p, "coarse_labels") for p in parts) else None)
+    arrays = [cifar.batch_arrays(layout, split, i, members[name]) for i, name in enumerate(batches)]
+    x = np.concatenate([a[0] for a in arrays])
+    fine = np.concatenate([a[1] for a in arrays])
+    coarse = (np.concatenate([a[2] for a in arrays])
+              if layout.variant == "cifar100" and all(a[2] is not None for a in arrays) else None)
     names = [_text(n) for n in _get(members[layout.meta], layout.names_key.decode())]
-    if fine.shape[0] != x.shape[0] or (coarse is not None and coarse.shape[0] != x.shape[0]):
-        raise ValueError(f"{path_or_dir}: {x.shape[0]} images but {fine.shape[0]} labels")
     return x, fine, coarse, names
 
 

@@ -136,8 +136,9 @@ class CifarImage(NamedTuple):
     filename: str
 
 
-def batch_images(layout: CifarLayout, split: str, batch_index: int, batch: dict) -> Iterator[CifarImage]:
-    """The images of one batch dict, HWC, numbered in the split's original order."""
+def batch_arrays(layout: CifarLayout, split: str, batch_index: int, batch: dict
+                 ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Tuple[str, ...]]:
+    """One batch dict checked and as arrays: (images NHWC uint8, labels int64, coarse labels or None, names)."""
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"batch {layout.batches(split)[batch_index]}: data has shape {data.shape}, "
@@ -148,10 +149,16 @@ def batch_images(layout: CifarLayout, split: str, batch_index: int, batch: dict)
     if not len(labels) == len(names) == data.shape[0] or (coarse is not None and len(coarse) != len(labels)):
         raise ValueError(f"batch {layout.batches(split)[batch_index]}: data, labels and file names disagree "
                          "in length")
-    hwc = to_nhwc(data)
-    for i in range(data.shape[0]):
+    return (to_nhwc(data), np.asarray(labels, dtype=np.int64),
+            None if coarse is None else np.asarray(coarse, dtype=np.int64), tuple(_text(n) for n in names))
+
+
+def batch_images(layout: CifarLayout, split: str, batch_index: int, batch: dict) -> Iterator[CifarImage]:
+    """The images of one batch dict, HWC, numbered in the split's original order."""
+    hwc, labels, coarse, names = batch_arrays(layout, split, batch_index, batch)
+    for i in range(len(labels)):
         yield CifarImage(split, batch_index, i, hwc[i].tobytes(), int(labels[i]),
-                         None if coarse is None else int(coarse[i]), _text(names[i]))
+                         None if coarse is None else int(coarse[i]), names[i])
 
 
 class CifarChunk(NamedTuple):
@@ -167,14 +174,12 @@ class CifarChunk(NamedTuple):
 
 def batch_chunks(layout: CifarLayout, split: str, batch_index: int, batch: dict,
                  size: int = 2000) -> Iterator[CifarChunk]:
-    """One batch dict as chunks of at most `size` images (NHWC), checked like `batch_images`."""
-    images = list(batch_images(layout, split, batch_index, batch))  # validates lengths and shapes
-    hwc = to_nhwc(np.asarray(batch[b"data"], dtype=np.uint8))
-    for start in range(0, len(images), size):
-        part = images[start:start + size]
-        coarse = None if part[0].coarse_label is None else np.array([im.coarse_label for im in part], np.int64)
-        yield CifarChunk(split, batch_index, start, hwc[start:start + len(part)],
-                         np.array([im.label for im in part], np.int64), coarse, tuple(im.filename for im in part))
+    """One batch dict as chunks of at most `size` images (NHWC), checked by `batch_arrays`."""
+    hwc, labels, coarse, names = batch_arrays(layout, split, batch_index, batch)
+    for start in range(0, len(labels), size):
+        stop = start + size
+        yield CifarChunk(split, batch_index, start, hwc[start:stop], labels[start:stop],
+                         None if coarse is None else coarse[start:stop], names[start:stop])
 
 
 def to_nhwc(data: np.ndarray) -> np.ndarray:
