@@ -239,9 +239,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"imagebeam cifar: {exc}") from None
     fileutil.ensure_dir(args.output)
     write_classes(args.output, names, one_based=args.format == "imagenet32")
-    with job_options.progress_monitor("cifar", pipeline_options) as monitor:
-        args.progress = monitor.address
-        job_options.run_pipeline(build, pipeline_options, args, layout, names)
+    job_options.run_job("cifar", build, pipeline_options, args, layout, names)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("cifar finished: %s", meta["counts"])
     return meta

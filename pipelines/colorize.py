@@ -173,9 +173,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                      "(tests and demos only); metadata.json says so")
     fileutil.ensure_dir(args.output)
     remove_previous_outputs(args.output)
-    with job_options.progress_monitor("colorize", pipeline_options) as monitor:
-        args.progress = monitor.address
-        job_options.run_pipeline(build, pipeline_options, args)
+    job_options.run_job("colorize", build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("colorize finished: %s", meta["counts"])
     return meta

@@ -143,9 +143,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     metadata = fileutil.join(args.output, "metadata.json")
     if FileSystems.exists(metadata):
         FileSystems.delete([metadata])  # present only once this run has finished
-    with job_options.progress_monitor("download", pipeline_options) as monitor:
-        args.progress = monitor.address
-        found = job_options.run_pipeline(build, pipeline_options, args)
+    found = job_options.run_job("download", build, pipeline_options, args)
     meta = read_json(metadata)
     _LOG.info("download finished: %s", meta["counts"])
     # Beam's counters of this run (runner-dependent, not in metadata.json): ok, failed_<status>, bytes,

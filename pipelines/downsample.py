@@ -146,9 +146,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     staging = fileutil.join(args.output, STAGING)
     if FileSystems.exists(staging):  # left by an interrupted run: start its phase 1 afresh
         FileSystems.delete([staging])
-    with job_options.progress_monitor("downsample", pipeline_options) as monitor:
-        args.progress = monitor.address
-        job_options.run_pipeline(build, pipeline_options, args)
+    job_options.run_job("downsample", build, pipeline_options, args)
     if args.split == "train":
         staged = read_json(fileutil.join(staging, "metadata.json"))
         # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.

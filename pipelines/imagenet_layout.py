@@ -190,9 +190,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--devkit {args.devkit} has no data/ILSVRC2012_validation_ground_truth.txt")
     fileutil.ensure_dir(args.output)
     write_synsets(args.output, label_map)
-    with job_options.progress_monitor("imagenet-layout", pipeline_options) as monitor:
-        args.progress = monitor.address
-        job_options.run_pipeline(build, pipeline_options, args, label_map)
+    job_options.run_job("imagenet-layout", build, pipeline_options, args, label_map)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("imagenet-layout finished: %s", meta["counts"])
     return meta

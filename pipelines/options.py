@@ -48,7 +48,7 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 def is_local_runner(runner: str | None) -> bool:
     """Beam's Python FnApiRunner, however named: ours, a short name, or a DirectRunner (None = default)."""
     name = (runner or "").lower()
-    return name in ("", LOCAL_RUNNER.lower()) or name in SHORT_RUNNERS or "direct" in name
+    return name in ("", LOCAL_RUNNER.lower()) or SHORT_RUNNERS.get(name) == LOCAL_RUNNER or "direct" in name
 
 
 def beam_args_with_defaults(beam_args: Sequence[str], local_mode: str = "multi_processing") -> List[str]:
@@ -73,7 +73,7 @@ def beam_args_with_defaults(beam_args: Sequence[str], local_mode: str = "multi_p
         args = [a for a in args if a != runner] + ["--runner", SHORT_RUNNERS[runner.lower()]]
     if (runner or "").lower() == "portable" and not _has_flag(args, "--job_endpoint"):
         args += ["--job_endpoint", "embed"]  # Beam's own job service, in this process
-    if is_local_runner(runner):
+    if is_local_runner(runner) or (runner or "").lower() == "portable":  # the embedded job service runs it too
         if not _has_flag(args, "--direct_running_mode"):
             args += ["--direct_running_mode", local_mode]
         if not _has_flag(args, "--direct_num_workers") and local_mode == "multi_processing":
@@ -84,7 +84,7 @@ def beam_args_with_defaults(beam_args: Sequence[str], local_mode: str = "multi_p
 def progress_monitor(job: str, pipeline_options: PipelineOptions):
     """A live progress line for local runs on a terminal (or with IMAGEBEAM_PROGRESS=1); off otherwise.
 
-    Use as `with progress_monitor(...) as monitor:` and hand `monitor.address` to the job's DoFns.
+    `run_job` hands `monitor.address` to the job's DoFns.
     """
     from apache_beam.options.pipeline_options import StandardOptions
 
@@ -95,6 +95,15 @@ def progress_monitor(job: str, pipeline_options: PipelineOptions):
     wanted = os.environ.get("IMAGEBEAM_PROGRESS", "auto").lower()
     enabled = local and (wanted in ("1", "true", "yes") or (wanted == "auto" and sys.stderr.isatty()))
     return ProgressMonitor(job, enabled)
+
+
+def run_job(job: str, build: Callable[..., None], pipeline_options: PipelineOptions, args, *build_args
+            ) -> Dict[str, int]:
+    """`run_pipeline(build, options, args, ...)` with the job's live progress line: the DoFns find the
+    monitor's address (None when off) in `args.progress`."""
+    with progress_monitor(job, pipeline_options) as monitor:
+        args.progress = monitor.address
+        return run_pipeline(build, pipeline_options, args, *build_args)
 
 
 def _renamed(args: List[str], ours: str, beams: str) -> List[str]:

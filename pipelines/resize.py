@@ -125,9 +125,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if args.size < 1 or not 1 <= args.quality <= 100:
         raise SystemExit("--size must be positive and --quality in 1..100")
     fileutil.ensure_dir(args.output)
-    with job_options.progress_monitor("resize", pipeline_options) as monitor:
-        args.progress = monitor.address
-        job_options.run_pipeline(build, pipeline_options, args)
+    job_options.run_job("resize", build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("resize finished: %s", meta["counts"])
     return meta

@@ -14,6 +14,10 @@ def test_local_defaults():
     chosen = options.beam_args_with_defaults(["--direct_running_mode", "multi_processing"], local_mode="in_memory")
     assert chosen.count("--direct_running_mode") == 1
     assert options.beam_args_with_defaults(["--runner", "DataflowRunner"]) == ["--runner", "DataflowRunner"]
+    assert options.beam_args_with_defaults(["--runner", "dask", "--dask-address", "h:8786"]) == [
+        "--dask_client_address", "h:8786", "--runner", options.DASK_RUNNER]  # no local-runner flags
+    portable = options.beam_args_with_defaults(["--runner", "portable"])
+    assert portable[:4] == ["--runner", "PortableRunner", "--job_endpoint", "embed"] and "--direct_num_workers" in portable
 
 
 @pytest.mark.parametrize("flag", [["--direct_running_mode", "multi_threading"],
