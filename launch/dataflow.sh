@@ -51,7 +51,7 @@ done
 if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
 job="$1"; shift
 case "$job" in
-    fetch|verify|demo) echo "dataflow.sh: '$job' is not a Beam job; run it locally (imagebeam $job)" >&2; exit 2 ;;
+    fetch|verify|demo|preview|inspect) echo "dataflow.sh: '$job' is not a Beam job; run it locally (imagebeam $job)" >&2; exit 2 ;;
 esac
 
 has_flag() {  # has_flag FLAG ARGS...: FLAG given as "FLAG VALUE" or "FLAG=VALUE"

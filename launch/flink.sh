@@ -64,7 +64,7 @@ done
 if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
 job="$1"; shift
 case "$job" in
-    fetch|verify|demo) echo "flink.sh: '$job' is not a Beam job; run it locally (imagebeam $job)" >&2; exit 2 ;;
+    fetch|verify|demo|preview|inspect) echo "flink.sh: '$job' is not a Beam job; run it locally (imagebeam $job)" >&2; exit 2 ;;
 esac
 case "$ENVIRONMENT_TYPE" in
     DOCKER|PROCESS|EXTERNAL) ;;
