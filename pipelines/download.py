@@ -122,13 +122,12 @@ def job_facts(args: argparse.Namespace) -> dict:
 
 def remove_leftovers(output: str) -> None:
     """Temporaries a killed run left: hidden in-progress files and manifest pieces (not the journal)."""
-    doomed = [m.path for r in FileSystems.match([fileutil.join(output, f".*{fileutil.TEMP_MARK}*")])
-              for m in r.metadata_list]
-    for folder in (PIECES,):
-        if FileSystems.exists(fileutil.join(output, folder)):
-            doomed.append(fileutil.join(output, folder))
-    for result in FileSystems.match([fileutil.join(output, JOURNAL, f".*{fileutil.TEMP_MARK}*")]):
-        doomed += [m.path for m in result.metadata_list]
+    temporaries = [fileutil.join(output, f".*{fileutil.TEMP_MARK}*"),
+                   fileutil.join(output, JOURNAL, f".*{fileutil.TEMP_MARK}*")]
+    doomed = [m.path for r in FileSystems.match(temporaries) for m in r.metadata_list]
+    pieces = fileutil.join(output, PIECES)
+    if FileSystems.exists(pieces):
+        doomed.append(pieces)
     if doomed:
         FileSystems.delete(doomed)
 
