@@ -54,8 +54,9 @@ def is_local_runner(runner: str | None) -> bool:
 def beam_args_with_defaults(beam_args: Sequence[str], local_mode: str = "multi_processing") -> List[str]:
     """Fill in the local defaults (FnApiRunner, `local_mode`, one worker per core) unless given.
 
-    Jobs whose work is network I/O on their own thread pools (download) run in-process ("in_memory"):
-    SDK worker processes would add seconds of start-up and nothing to throughput. "multi_threading" is
+    Jobs whose work is network I/O on their own thread pools (download) or a few large numpy arrays
+    (cifar) run in-process ("in_memory"): SDK worker processes would add seconds of start-up and of data
+    transfer, and nothing to throughput. "multi_threading" is
     refused: Beam 2.77's FnApiRunner loses and corrupts elements in that mode (see `run_pipeline`).
     """
     args = list(beam_args)

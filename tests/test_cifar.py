@@ -1,4 +1,5 @@
 """`imagebeam cifar` on CIFAR-format archives built from real photos; OpenCV is the sharpening oracle."""
+import io
 import json
 import os
 import pickle
@@ -43,8 +44,12 @@ def test_sharpen_equals_opencv_exactly():
     extremes = np.zeros((2, 32, 32, 3), dtype=np.uint8)
     extremes[0, ::2] = 255  # stripes: saturation both ways
     extremes[1] = 255
-    for images in (real, noise, extremes):
+    binary = np.random.default_rng(2).choice(np.array([0, 255], np.uint8), (40, 32, 32, 3))  # blur at its bounds
+    for images in (real, noise, extremes, binary):
         assert np.array_equal(cifar.sharpen(images), oracle(images))
+    for shape in ((7, 9, 3), (3, 3, 3), (64, 48, 3)):  # other sizes: the borders are reflected the same way
+        image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+        assert np.array_equal(cifar.sharpen(image), cv2.filter2D(image, -1, SEED_KERNEL))
     assert np.array_equal(cifar.sharpen(real[0]), oracle(real[:1])[0])
     assert np.allclose(cifar.SHARPEN_KERNEL, SEED_KERNEL)
 
@@ -92,7 +97,8 @@ def test_cifar100_processed_pickle(cifar100, workdir):
 
     # the same seed gives the same bytes; another seed another order; --no-sharpen keeps the pixels
     again = os.path.join(workdir, "b")
-    cifar_job.run(["--input", cifar100["path"], "--output", again, "--seed", "3", "--direct_num_workers", "1"])
+    cifar_job.run(["--input", cifar100["path"], "--output", again, "--seed", "3",  # 2 processes, not in-process
+                   "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
     with open(os.path.join(out, "CIFAR_100_processed.pickle"), "rb") as a, \
             open(os.path.join(again, "CIFAR_100_processed.pickle"), "rb") as b:
         assert a.read() == b.read()
@@ -168,3 +174,44 @@ def test_malicious_batch_is_refused_and_the_rest_written(cifar10_dir, workdir):
     got = load(os.path.join(out, "CIFAR_10_processed.pickle"))
     assert got["train_dataset"].shape[0] == 4 * 8 and got["test_dataset"].shape[0] == 10
     assert meta["counts"] == {"read": 4 * 8 + 10 + 1, "written": 42, "failed": 1}
+
+
+def test_archive_read_in_one_pass_reports_each_bad_batch(cifar10_dir, workdir):
+    """An archive is one work unit: a refused batch and a missing one are each a failure, the rest is written."""
+    sentinel = os.path.join(workdir, "PWNED")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    source = os.path.join(cifar10_dir["dir"], "cifar-10-batches-py")
+    archive = os.path.join(workdir, "cifar-10-python.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in sorted(os.listdir(source)):
+            if name == "data_batch_5":
+                continue  # missing
+            if name == "data_batch_2":
+                payload = pickle.dumps({b"data": Payload()}, protocol=2)
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            else:
+                tar.add(os.path.join(source, name), f"cifar-10-batches-py/{name}")
+    out = os.path.join(workdir, "out")
+    meta = cifar_job.run(["--input", archive, "--output", out, "--format", "imagenet32", "--batches", "2"])
+    assert not os.path.exists(sentinel), "the pickle's payload ran"
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        failures = {json.loads(line)["member"]: json.loads(line)["reason"] for line in f}
+    assert set(failures) == {"data_batch_2", "data_batch_5"}
+    assert "refused" in failures["data_batch_2"] and "no member" in failures["data_batch_5"]
+    assert meta["counts"] == {"read": 3 * 8 + 10 + 2, "written": 3 * 8 + 10, "failed": 2}
+    train = [load(os.path.join(out, f"train_data_batch_{i}")) for i in (1, 2)]
+    rows = np.concatenate([b["data"] for b in train])
+    labels = sum((b["labels"] for b in train), [])
+    # the train rows are exactly batches 1, 3 and 4, sharpened, channel-planar, labels 1-based
+    kept = [0, 2, 3]
+    images = np.concatenate([cifar10_dir["train_images"][8 * k:8 * k + 8] for k in kept])
+    want = oracle(images).transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    want_labels = [cifar10_dir["train_labels"][8 * k + i] + 1 for k in kept for i in range(8)]
+    assert sorted(map(bytes, rows)) == sorted(map(bytes, want))
+    assert sorted(zip(map(bytes, rows), labels)) == sorted(zip(map(bytes, want), want_labels))

@@ -7,16 +7,18 @@ encoding="bytes": keys are bytes (b"data", b"fine_labels", ...).
 
 The sharpening is the seed's `cv2.filter2D(img, -1, kernel)` with the 5x5 kernel
 (-1/256) * [[1,4,6,4,1],[4,16,24,16,4],[6,24,-476,24,6],[4,16,24,16,4],[1,4,6,4,1]], computed here without
-OpenCV: every product and sum is a multiple of 1/256 well inside float precision, so the integer
-correlation over reflect-101 borders, rounded half to even and saturated to uint8, is exactly what
-OpenCV computes.
+OpenCV: every product and sum is a multiple of 1/256 well inside float precision, so the exact
+correlation over reflect-101 borders (done in integers, as a separable blur: see `sharpen`), rounded half to
+even and saturated to uint8, is exactly what OpenCV computes.
 """
 from __future__ import annotations
 
+import contextlib
 import tarfile
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms import safe_pickle
@@ -60,9 +62,27 @@ class CifarLayout(NamedTuple):
         return VARIANTS[self.variant][5]
 
 
-def _members(path: str) -> List[str]:
-    with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-        return [m.name for m in tar if m.isfile()]
+@contextlib.contextmanager
+def _open_archive(path: str) -> Iterator[tarfile.TarFile]:
+    """The archive as a tar stream that tarfile decompresses itself, in 1 MiB reads (Beam's own gzip layer
+    and tarfile's default 10 KiB reads take 1.7x as long on the 60,000-image archive)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw, \
+            tarfile.open(fileobj=raw, mode="r|*", bufsize=1 << 20) as tar:
+        yield tar
+
+
+def _scan_archive(path: str) -> Tuple[Set[str], Dict[str, bytes]]:
+    """One pass over an archive: its file names, and the bytes of any meta file (small) on the way."""
+    metas = {f"{folder}/{meta}" for folder, _, _, meta, _, _ in VARIANTS.values()}
+    names: Set[str] = set()
+    small: Dict[str, bytes] = {}
+    with _open_archive(path) as tar:
+        for member in tar:
+            if member.isfile():
+                names.add(member.name)
+                if member.name in metas:
+                    small[member.name] = tar.extractfile(member).read()
+    return names, small
 
 
 def _looks_like(variant: str, present) -> bool:
@@ -71,40 +91,60 @@ def _looks_like(variant: str, present) -> bool:
     return present(meta) and any(present(m) for m in (*train, test))
 
 
-def find_layout(path: str) -> CifarLayout:
-    """Recognise a CIFAR-10/100 python archive or extracted folder; a clear error otherwise."""
+def _find(path: str) -> Tuple[CifarLayout, Optional[bytes]]:
+    """The layout, and the meta file's bytes when finding it read them already (an archive)."""
     if path.lower().endswith((".tar.gz", ".tgz", ".tar")):
         if not FileSystems.exists(path):
             raise ValueError(f"--input {path!r} does not exist")
-        names = set(_members(path))
+        names, small = _scan_archive(path)
         for variant, (folder, train, test, meta, _, _) in VARIANTS.items():
             if _looks_like(variant, lambda m, folder=folder: f"{folder}/{m}" in names):
-                return CifarLayout(variant, path, True, folder + "/")
+                return CifarLayout(variant, path, True, folder + "/"), small.get(f"{folder}/{meta}")
         raise ValueError(f"{path} is not a CIFAR-10/100 python archive: expected cifar-100-python/{{train,test,"
                          "meta}} or cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}")
     root = path.rstrip("/")
     for variant, (folder, train, test, meta, _, _) in VARIANTS.items():
         for base in (root, FileSystems.join(root, folder)):
             if _looks_like(variant, lambda m, base=base: FileSystems.exists(FileSystems.join(base, m))):
-                return CifarLayout(variant, base, False, "")
+                return CifarLayout(variant, base, False, ""), None
     raise ValueError(f"{path} holds no CIFAR-10/100 python batches (train/test/meta or data_batch_1..5)")
+
+
+def find_layout(path: str) -> CifarLayout:
+    """Recognise a CIFAR-10/100 python archive or extracted folder; a clear error otherwise."""
+    return _find(path)[0]
+
+
+def open_input(path: str) -> Tuple[CifarLayout, List[bytes]]:
+    """`find_layout` and `label_names` with one pass over an archive instead of two."""
+    layout, meta = _find(path)
+    if meta is None:
+        return layout, label_names(layout)
+    return layout, _names(layout, safe_pickle.loads(meta, encoding="bytes"))
+
+
+def member_bytes(layout: CifarLayout, names: Sequence[str]) -> Iterator[Tuple[str, bytes]]:
+    """(name, bytes) of the wanted batch or meta files: in archive order in one pass over an archive, in the
+    given order from a folder. A member the archive lacks is simply not yielded (the caller counts)."""
+    if not layout.archive:
+        for name in names:
+            with FileSystems.open(FileSystems.join(layout.root, name),
+                                  compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                yield name, f.read()
+        return
+    wanted = {layout.prefix + name: name for name in names}
+    with _open_archive(layout.root) as tar:
+        for member in tar:
+            if member.isfile() and member.name in wanted:
+                yield wanted.pop(member.name), tar.extractfile(member).read()
+                if not wanted:
+                    return
 
 
 def read_members(layout: CifarLayout, names) -> Dict[str, dict]:
     """Batch (or meta) dicts by member name, unpickled safely with bytes keys (an archive in one pass)."""
     names = list(names)
-    if not layout.archive:
-        out = {}
-        for name in names:
-            with FileSystems.open(FileSystems.join(layout.root, name)) as f:
-                out[name] = safe_pickle.loads(f.read(), encoding="bytes")
-        return out
-    wanted = {layout.prefix + name: name for name in names}
-    found: Dict[str, dict] = {}
-    with FileSystems.open(layout.root) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile() and member.name in wanted:
-                found[wanted[member.name]] = safe_pickle.loads(tar.extractfile(member).read(), encoding="bytes")
+    found = {name: safe_pickle.loads(data, encoding="bytes") for name, data in member_bytes(layout, names)}
     missing = [n for n in names if n not in found]
     if missing:
         raise ValueError(f"{layout.root} has no member {layout.prefix}{missing[0]}")
@@ -119,10 +159,13 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _names(layout: CifarLayout, meta: dict) -> List[bytes]:
+    return [n if isinstance(n, bytes) else str(n).encode() for n in meta[layout.names_key]]
+
+
 def label_names(layout: CifarLayout) -> List[bytes]:
     """The class names as the seed keeps them (bytes, from the meta file)."""
-    meta = read_member(layout, layout.meta)
-    return [n if isinstance(n, bytes) else str(n).encode() for n in meta[layout.names_key]]
+    return _names(layout, read_member(layout, layout.meta))
 
 
 class CifarImage(NamedTuple):
@@ -188,15 +231,27 @@ def to_nhwc(data: np.ndarray) -> np.ndarray:
 
 
 def sharpen(images: np.ndarray) -> np.ndarray:
-    """The seed's sharpening of one HWC image or a batch NHWC, uint8 in and out (see module docstring)."""
+    """The seed's sharpening of one HWC image or a batch NHWC, uint8 in and out (see module docstring).
+
+    256 * kernel = 512 * identity - v v^T with v = [1, 4, 6, 4, 1], so the correlation is 2 * image minus a
+    separable binomial blur / 256: one 5-tap pass along rows and one along columns, in uint16 (at most
+    255 * 16 * 16 = 65280), then (512 * x - blur) / 256 in float32, exact (integers below 2**24 divided by a
+    power of two), rounded half to even and saturated as OpenCV does. About 10x the 25-tap int32 loop.
+    """
     images = np.asarray(images, dtype=np.uint8)
     single = images.ndim == 3
     batch = images[None] if single else images
-    padded = np.pad(batch.astype(np.int32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     h, w = batch.shape[1:3]
-    acc = np.zeros(batch.shape, dtype=np.int32)
-    for dy in range(5):
-        for dx in range(5):
-            acc += SHARPEN_WEIGHTS[dy, dx] * padded[:, dy:dy + h, dx:dx + w, :]
-    out = np.clip(np.rint(acc / 256.0), 0, 255).astype(np.uint8)
+    padded = np.pad(batch, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect").astype(np.uint16)
+    rows = padded[:, :, 0:w] + padded[:, :, 4:w + 4]
+    rows += 4 * (padded[:, :, 1:w + 1] + padded[:, :, 3:w + 3])
+    rows += 6 * padded[:, :, 2:w + 2]
+    blur = rows[:, 0:h] + rows[:, 4:h + 4]
+    blur += 4 * (rows[:, 1:h + 1] + rows[:, 3:h + 3])
+    blur += 6 * rows[:, 2:h + 2]
+    acc = batch.astype(np.float32) * 512.0
+    acc -= blur
+    acc *= 1.0 / 256.0
+    np.rint(acc, out=acc)
+    out = np.clip(acc, 0, 255).astype(np.uint8)
     return out[0] if single else out

@@ -10,8 +10,9 @@ the default N2 is the real archive's 60,000 images). Building them takes about 1
    NHWC, np.random.seed(SEED) + np.random.permutation shuffle of the train set, a Python loop of
    cv2.filter2D(img, -1, kernel) per image (train and test), pickle.dump(HIGHEST_PROTOCOL); images/s at N2
    (best of --repeat);
-2. ours: `imagebeam cifar --input ARCHIVE --output DIR` (pickle format, the seed's keys) as a real command
-   with 1 and with 2 SDK workers at N1 and N2, each `--repeat` times (the fastest counts). Beam's start-up
+2. ours: `imagebeam cifar --input ARCHIVE --output DIR` (pickle format, the seed's keys) as a real command,
+   in-process (its local default), then with 1 and with 2 SDK worker processes, at N1 and N2, each
+   `--repeat` times (the fastest counts). Beam's start-up
    (several seconds) is a large share of a small run, so the figure that counts is the steady-state rate
    (N2-N1)/(t2-t1); the end-to-end rates are printed too. Peak memory: the summed RSS of the job's whole
    process tree (runner + SDK workers), sampled every 0.1 s.
@@ -19,9 +20,9 @@ the default N2 is the real archive's 60,000 images). Building them takes about 1
 
     python tests/benchmarks/bench_cifar.py [--n1 6000] [--n2 60000] [--repeat 2] [--json PATH]
 
---json PATH writes the summary bench_all.py tabulates (see common.summary): ours = the 1-worker steady-state
-rate, per that one worker; reference = the seed's method, one core; 1->2 scaling = 2-worker / 1-worker
-steady rate; peak RSS = the largest over the pipeline runs.
+--json PATH writes the summary bench_all.py tabulates (see common.summary): ours = the in-process steady-state
+rate, per that one process; reference = the seed's method, one core; 1->2 scaling = 2-worker / 1-worker
+steady rate (worker processes); peak RSS = the in-process runs' largest.
 """
 from __future__ import annotations
 
@@ -132,9 +133,15 @@ def reference_rate(archive: str, n: int, work: str, repeat: int) -> tuple:
     return n / best, extract
 
 
-def run_job(archive: str, out: str, workers: int) -> common.Measurement:
+# configuration: the extra flags (the default is in-process; worker processes for the 1->2 scaling)
+CONFIGS = {"in-process": [],
+           "1 worker": ["--direct_running_mode", "multi_processing", "--direct_num_workers", "1"],
+           "2 workers": ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]}
+
+
+def run_job(archive: str, out: str, config: str) -> common.Measurement:
     return common.run_measured([sys.executable, "-m", "imagebeam.cli", "cifar", "--input", archive,
-                                "--output", out, "--seed", str(SEED), "--direct_num_workers", str(workers)])
+                                "--output", out, "--seed", str(SEED), *CONFIGS[config]])
 
 
 def check_same(seed_pickle: str, ours_pickle: str) -> str:
@@ -193,12 +200,11 @@ def bench(args, work: str) -> None:
           f"{ref:8.1f} images/s (extraction {extract:.2f} s of {args.n2 / ref:.2f} s)")
 
     states = {}
-    for workers in (1, 2):
-        st = common.two_sizes(lambda n, r: run_job(archives[n], os.path.join(work, f"out-{workers}-{n}-{r}"),
-                                                   workers), args.n1, args.n2, args.repeat)
-        states[workers] = st
-        label = f"{workers} worker{'s' if workers > 1 else ''}"
-        print(f"ours, imagebeam cifar, {label:<9}: steady {st.rate:8.1f} images/s | end-to-end "
+    for k, config in enumerate(CONFIGS):
+        st = common.two_sizes(lambda n, r: run_job(archives[n], os.path.join(work, f"out-{k}-{n}-{r}"),
+                                                   config), args.n1, args.n2, args.repeat)
+        states[config] = st
+        print(f"ours, imagebeam cifar, {config:<10}: steady {st.rate:8.1f} images/s | end-to-end "
               f"{args.n1}: {st.end_to_end(args.n1):7.1f}/s ({st.walls[args.n1]:.1f} s), "
               f"{args.n2}: {st.end_to_end(args.n2):7.1f}/s ({st.walls[args.n2]:.1f} s) | peak RSS "
               f"{st.peaks[args.n1] / common.MIB:.0f} MiB @ {args.n1}, {st.peaks[args.n2] / common.MIB:.0f} MiB @ "
@@ -207,45 +213,49 @@ def bench(args, work: str) -> None:
     seed_small = os.path.join(work, "seed-check")
     os.makedirs(seed_small)
     agree = check_same(seed_method(archives[args.n1], seed_small),
-                       os.path.join(work, f"out-1-{args.n1}-0", "CIFAR_100_processed.pickle"))
-    one, two = states[1].rate, states[2].rate
-    startup = states[1].walls[args.n1] - args.n1 / one if one == one else float("nan")
-    share = startup / states[1].walls[args.n1]
+                       os.path.join(work, f"out-0-{args.n1}-0", "CIFAR_100_processed.pickle"))
+    ours, one, two = states["in-process"].rate, states["1 worker"].rate, states["2 workers"].rate
+    st0 = states["in-process"]
+    startup = st0.walls[args.n1] - args.n1 / ours if ours == ours else float("nan")
+    share = startup / st0.walls[args.n1]
     print()
-    print(f"ours 1 worker (steady) / seed's method : {one / ref:.3f}x")
-    print(f"ours 2 workers / 1 worker (steady)     : {two / one:.2f}x  (a CIFAR-100 archive is 2 work units: "
-          "the train and the test pickle)")
-    print(f"start-up share of the {args.n1}-image 1-worker run: about {common.fmt(startup, '.1f')} s of "
-          f"{states[1].walls[args.n1]:.1f} s ({common.fmt(share * 100, '.0f')}%)")
+    print(f"ours in-process (steady) / seed's method : {ours / ref:.3f}x")
+    print(f"ours in-process / 1 worker process       : {ours / one:.2f}x  (the hops to and from a worker "
+          "process cost more than the numpy work)")
+    print(f"ours 2 workers / 1 worker (steady)       : {two / one:.2f}x  (an archive is one gzip stream, read "
+          "in one pass: one work unit)")
+    print(f"start-up share of the {args.n1}-image in-process run: about {common.fmt(startup, '.1f')} s of "
+          f"{st0.walls[args.n1]:.1f} s ({common.fmt(share * 100, '.0f')}%)")
     print(agree)
 
-    st1 = states[1]
     common.write_json(args.json, common.summary(
-        "cifar", ours=one, cores_used=1,
-        how=(f"steady-state rate (N2-N1)/(t2-t1) of `imagebeam cifar --direct_num_workers 1` (pickle format) "
-             f"on CIFAR-100-format archives of N1={args.n1}, N2={args.n2} images (fastest of {args.repeat} "
-             f"run(s) per size), divided by its 1 SDK worker; start-up (about {common.fmt(startup, '.0f')} s) "
-             f"is {common.fmt(share * 100, '.0f')}% of the N1 run, hence two sizes; the runner process's own "
-             "CPU is not in the divisor (see cores_busy_steady)"),
+        "cifar", ours=ours, cores_used=1,
+        how=(f"steady-state rate (N2-N1)/(t2-t1) of `imagebeam cifar` (pickle format; in-process, its local "
+             f"default) on CIFAR-100-format archives of N1={args.n1}, N2={args.n2} images (fastest of "
+             f"{args.repeat} run(s) per size), divided by its 1 process; start-up (about "
+             f"{common.fmt(startup, '.0f')} s) is {common.fmt(share * 100, '.0f')}% of the N1 run, hence two "
+             "sizes; cores_busy_steady says how many cores that process kept busy"),
         reference_rate=ref,
         reference=("the seed's method (seeds/003) in one process: tar extractall, unpickle, np.reshape/"
                    "transpose, np.random.seed + permutation, Python loop of cv2.filter2D per image, "
                    f"pickle.dump; {args.n2} images"),
-        scaling=common.ratio(two, one), peak_rss=max(st.peak for st in states.values()),
-        peak_rss_how=(f"largest summed RSS of the job's process tree (runner + SDK workers), sampled every "
-                      f"{common.SAMPLE_S} s, over the pipeline runs (1 and 2 workers, N1 and N2)"),
-        steady_images_per_s={f"{w} worker(s)": st.rate for w, st in states.items()},
-        end_to_end_images_per_s={f"{w} worker(s)": {str(n): st.end_to_end(n) for n in (args.n1, args.n2)}
-                                 for w, st in states.items()},
-        peak_rss_mib_by_run={f"{w} worker(s)": {str(n): st.peaks[n] / common.MIB for n in (args.n1, args.n2)}
-                             for w, st in states.items()},
-        cores_busy_steady=st1.cores_busy, images_per_cpu_s_steady=st1.per_cpu_s,
+        scaling=common.ratio(two, one), peak_rss=st0.peak,
+        peak_rss_how=(f"largest RSS of the in-process job, sampled every {common.SAMPLE_S} s, at N1 and N2 "
+                      "(the worker-process runs: peak_rss_mib_by_run)"),
+        steady_images_per_s={c: st.rate for c, st in states.items()},
+        end_to_end_images_per_s={c: {str(n): st.end_to_end(n) for n in (args.n1, args.n2)}
+                                 for c, st in states.items()},
+        peak_rss_mib_by_run={c: {str(n): st.peaks[n] / common.MIB for n in (args.n1, args.n2)}
+                             for c, st in states.items()},
+        cores_busy_steady=st0.cores_busy, images_per_cpu_s_steady=st0.per_cpu_s,
         reference_extract_s=extract, startup_s=startup, outputs_agree=agree,
         notes="; ".join(filter(None, (
-            "pickle format; 2 work units (train, test pickle), so 2 workers have little to split",
-            f"the 1-worker job kept {common.fmt(st1.cores_busy)} cores busy",
-            f"start-up ~{common.fmt(startup, '.0f')} s", f"N={args.n1}/{args.n2}",
-            common.unmeasurable({f"{w} worker(s)": st for w, st in states.items()}))))))
+            "pickle format; in-process (the local default)",
+            f"{common.fmt(ours / one if one else None)}x one worker process",
+            "1->2 workers: worker processes, an archive is one unit (one gzip stream)",
+            f"kept {common.fmt(st0.cores_busy)} cores busy", f"start-up ~{common.fmt(startup, '.0f')} s",
+            f"N={args.n1}/{args.n2}",
+            common.unmeasurable(dict(states.items())))))))
 
 
 if __name__ == "__main__":
