@@ -16,7 +16,6 @@ import logging
 from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
@@ -155,13 +154,8 @@ def job_facts(args: argparse.Namespace) -> dict:
 
 def remove_previous_outputs(output: str) -> None:
     """Record files of an earlier run (which may have had more files) and its staging folder."""
-    patterns = [fileutil.join(output, f"{prefix}_*.tfrecord") for prefix in FILE_PREFIX.values()]
-    old = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
-    staging = fileutil.join(output, STAGING)
-    if FileSystems.exists(staging):
-        old.append(staging)
-    if old:
-        FileSystems.delete(old)
+    records = fileutil.matching(fileutil.join(output, f"{prefix}_*.tfrecord") for prefix in FILE_PREFIX.values())
+    fileutil.delete_existing([*records, fileutil.join(output, STAGING)])
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -104,9 +104,7 @@ def finish(_, output: str, facts: dict, pieces: list, listed: int, repeated: int
                 manifest=MANIFEST, versions=versions())
     fileutil.write_atomically(fileutil.join(output, "metadata.json"),
                               (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    leftovers = [fileutil.join(output, d) for d in (PIECES, JOURNAL) if FileSystems.exists(fileutil.join(output, d))]
-    if leftovers:
-        FileSystems.delete(leftovers)
+    fileutil.delete_existing(fileutil.join(output, d) for d in (PIECES, JOURNAL))
     return meta
 
 
@@ -122,14 +120,9 @@ def job_facts(args: argparse.Namespace) -> dict:
 
 def remove_leftovers(output: str) -> None:
     """Temporaries a killed run left: hidden in-progress files and manifest pieces (not the journal)."""
-    temporaries = [fileutil.join(output, f".*{fileutil.TEMP_MARK}*"),
-                   fileutil.join(output, JOURNAL, f".*{fileutil.TEMP_MARK}*")]
-    doomed = [m.path for r in FileSystems.match(temporaries) for m in r.metadata_list]
-    pieces = fileutil.join(output, PIECES)
-    if FileSystems.exists(pieces):
-        doomed.append(pieces)
-    if doomed:
-        FileSystems.delete(doomed)
+    temporaries = fileutil.matching([fileutil.join(output, f".*{fileutil.TEMP_MARK}*"),
+                                     fileutil.join(output, JOURNAL, f".*{fileutil.TEMP_MARK}*")])
+    fileutil.delete_existing([*temporaries, fileutil.join(output, PIECES)])
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -144,8 +144,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     check_args(args)
     fileutil.ensure_dir(args.output)
     staging = fileutil.join(args.output, STAGING)
-    if FileSystems.exists(staging):  # left by an interrupted run: start its phase 1 afresh
-        FileSystems.delete([staging])
+    fileutil.delete_existing([staging])  # left by an interrupted run: start its phase 1 afresh
     job_options.run_job("downsample", build, pipeline_options, args)
     if args.split == "train":
         staged = read_json(fileutil.join(staging, "metadata.json"))

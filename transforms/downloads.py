@@ -31,7 +31,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from imagebeam.transforms.decode import DecodeError, probe_image
 from imagebeam.transforms.fetch import FetchConfig, Fetcher, is_transient
-from imagebeam.transforms.fileutil import join, write_atomically
+from imagebeam.transforms.fileutil import delete_existing, join, write_atomically
 from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.sources import Failure, ImageBlob
 from imagebeam.transforms.url_lists import UrlEntry, url_md5
@@ -336,10 +336,7 @@ class _WritePieceFn(beam.DoFn):
     def process(self, element):
         bucket, records = element
         records = sorted(records, key=lambda r: (url_md5(r["url"]), r["url"]))
-        doomed = [join(self._output, r.pop("_delete")) for r in records if "_delete" in r]
-        existing = [p for p in doomed if FileSystems.exists(p)]
-        if existing:
-            FileSystems.delete(existing)
+        delete_existing([join(self._output, r.pop("_delete")) for r in records if "_delete" in r])
         path = join(self._pieces, f"piece-{bucket:05d}.jsonl")
         write_atomically(path, "".join(record_line(r) for r in records).encode("utf-8"))
         yield {"bucket": bucket, "path": path, "statuses": dict(Counter(r["status"] for r in records))}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 import zlib
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, List
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -18,6 +18,18 @@ TEMP_MARK = ".inprogress-"
 
 def join(directory: str, *names: str) -> str:
     return FileSystems.join(directory, *names)
+
+
+def matching(patterns: Iterable[str]) -> List[str]:
+    """The paths matching any of the glob patterns, sorted."""
+    return sorted(m.path for r in FileSystems.match(list(patterns)) for m in r.metadata_list)
+
+
+def delete_existing(paths: Iterable[str]) -> None:
+    """Delete those of `paths` (files or folders) that exist; the others are fine as they are."""
+    existing = [p for p in paths if FileSystems.exists(p)]
+    if existing:
+        FileSystems.delete(existing)
 
 
 def ensure_dir(directory: str) -> None:

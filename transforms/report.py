@@ -14,7 +14,7 @@ from typing import Callable, Dict, List
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms.fileutil import join, write_atomically
+from imagebeam.transforms.fileutil import delete_existing, join, write_atomically
 from imagebeam.transforms.sources import Failure
 
 
@@ -129,9 +129,7 @@ def natural_key(name: str):
 
 
 def _remove_temporaries(paths: tuple) -> None:
-    existing = [p for p in paths if FileSystems.exists(p)]
-    if existing:
-        FileSystems.delete(existing)
+    delete_existing(paths)
 
 
 def failure_reasons(output: str, top: int = 5) -> List[tuple]:

@@ -17,6 +17,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from imagebeam.transforms import fileutil
 from imagebeam.transforms.labels import class_of
 
 # A flat tar is cut into units of at most this many members or bytes (one seek, then sequential reads).
@@ -87,7 +88,7 @@ def unsafe_member_reason(raw_name: str) -> Optional[str]:
 def index_input(spec: str) -> Iterator[Indexed]:
     """Expand one `--input` (tar, glob of tars or files, or folder) into work units and failures."""
     if _is_glob(spec):
-        matched = sorted(m.path for r in FileSystems.match([spec]) for m in r.metadata_list)
+        matched = fileutil.matching([spec])
         if not matched:
             raise ValueError(f"--input {spec!r} matches no file")
         for path in matched:

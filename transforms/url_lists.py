@@ -21,6 +21,8 @@ import apache_beam as beam
 from apache_beam import coders
 from apache_beam.io.filesystems import FileSystems
 
+from imagebeam.transforms import fileutil
+
 _FALL11_KEY = re.compile(r"^(n\d{8})_\d+$")
 MAX_URL_CHARS = 4096  # a longer "URL" is garbage; it is recorded cut to this length
 
@@ -85,8 +87,7 @@ def tgz_holds_list(path: str) -> bool:
 def is_url_list(path: str) -> bool:
     kind = list_format(path)
     if kind == "tgz":
-        matched = [m.path for r in FileSystems.match([path]) for m in r.metadata_list] if any(
-            c in path for c in "*?[") else [path]
+        matched = fileutil.matching([path]) if any(c in path for c in "*?[") else [path]
         return bool(matched) and tgz_holds_list(matched[0])
     return kind is not None
 
@@ -158,7 +159,7 @@ def parse_csv_line(line, header: List[str], url_column: str, key_column: Optiona
 
 def csv_header(path: str) -> List[str]:
     """The header row of a CSV list (the first file of a glob)."""
-    matched = sorted(m.path for r in FileSystems.match([path]) for m in r.metadata_list)
+    matched = fileutil.matching([path])
     if not matched:
         raise ValueError(f"--input {path!r} matches no file")
     with FileSystems.open(matched[0]) as raw:
