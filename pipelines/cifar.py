@@ -1,7 +1,7 @@
 """imagebeam cifar: CIFAR-10/100 python archives -> the seed's processed pickle, TFRecords or Imagenet32 batches.
 
     Batches (folder: a work unit per pickle; archive: one unit, one pass) -> ReadBatches (safe unpickler,
-    NHWC chunks of 2,000 images) -> Spread -> Sharpen (the seed's 5x5 kernel on every image)
+    NHWC chunks of 2,000 images) -> Sharpen (the seed's 5x5 kernel on every image)
     -> GroupBySplit / AllChunks -> order (train: seeded permutation; test: original order) -> WriteOutputs
     unreadable batches -> failures.jsonl; counts + files -> metadata.json (written last)
 
@@ -74,8 +74,7 @@ class _ReadBatchesFn(beam.DoFn):
                 yield self._failure(member, f"unreadable CIFAR batch: {exc}")
             return
         for member in pending:
-            yield self._failure(member, f"unreadable CIFAR batch: {self._layout.root} has no member "
-                                        f"{self._layout.prefix}{member}")
+            yield self._failure(member, f"unreadable CIFAR batch: {cifar.no_member(self._layout, member)}")
 
     def _batch(self, member: str, split: str, index: int, data: bytes):
         try:
@@ -215,8 +214,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace, layout: cifar.CifarLayout,
             | "SpreadBatches" >> beam.Reshuffle()
             | "ReadBatches" >> beam.ParDo(_ReadBatchesFn(layout, getattr(args, "progress", None)))
             .with_outputs(FAILURES, main="chunks"))
-    chunks = read.chunks
-    images = chunks if args.no_sharpen else chunks | "Sharpen" >> beam.Map(sharpen_chunk)
+    images = read.chunks if args.no_sharpen else read.chunks | "Sharpen" >> beam.Map(sharpen_chunk)
     if args.format == "pickle":
         files = (images
                  | "AllChunks" >> beam.combiners.ToList()

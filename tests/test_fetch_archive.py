@@ -358,29 +358,28 @@ def test_html_page_instead_of_an_archive(server, tmp_path, capsys):
     assert not os.path.exists(out) and not os.path.exists(out + ".part")
 
 
-def test_header_option_is_sent(server, tmp_path):
+def cookies_seen(server, path: str) -> list:
+    """Serve DATA at `path` and return the list the Cookie header of each request to it is appended to."""
     seen = []
-    server.add_download("/data.bin", DATA)
-    route = server._routes["/data.bin"]
+    server.add_download(path, DATA)
+    route = server._routes[path]
 
     def spy(h, head):
         seen.append(h.headers.get("Cookie"))
         route(h, head)
-    server._routes["/data.bin"] = spy
+    server._routes[path] = spy
+    return seen
+
+
+def test_header_option_is_sent(server, tmp_path):
+    seen = cookies_seen(server, "/data.bin")
     assert _fetch("--url", server.url("/data.bin"), "--output", str(tmp_path / "d"), "--md5", MD5,
                   "--header", "Cookie: session=abc") == 0
     assert seen == ["session=abc"]
 
 
 def test_header_not_sent_to_another_host(server, tmp_path):
-    seen = []
-    server.add_download("/data.bin", DATA)
-    route = server._routes["/data.bin"]
-
-    def spy(h, head):
-        seen.append(h.headers.get("Cookie"))
-        route(h, head)
-    server._routes["/data.bin"] = spy
+    seen = cookies_seen(server, "/data.bin")
     other_host = server.url("/data.bin").replace("127.0.0.1", "localhost")
     url = server.add_redirect("/go", other_host)
     assert _fetch("--url", url, "--output", str(tmp_path / "d"), "--md5", MD5,

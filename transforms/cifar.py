@@ -141,13 +141,17 @@ def member_bytes(layout: CifarLayout, names: Sequence[str]) -> Iterator[Tuple[st
                     return
 
 
+def no_member(layout: CifarLayout, name: str) -> str:
+    return f"{layout.root} has no member {layout.prefix}{name}"
+
+
 def read_members(layout: CifarLayout, names) -> Dict[str, dict]:
     """Batch (or meta) dicts by member name, unpickled safely with bytes keys (an archive in one pass)."""
     names = list(names)
     found = {name: safe_pickle.loads(data, encoding="bytes") for name, data in member_bytes(layout, names)}
     missing = [n for n in names if n not in found]
     if missing:
-        raise ValueError(f"{layout.root} has no member {layout.prefix}{missing[0]}")
+        raise ValueError(no_member(layout, missing[0]))
     return found
 
 

@@ -255,7 +255,7 @@ def bench(args, work: str) -> None:
             "1->2 workers: worker processes, an archive is one unit (one gzip stream)",
             f"kept {common.fmt(st0.cores_busy)} cores busy", f"start-up ~{common.fmt(startup, '.0f')} s",
             f"N={args.n1}/{args.n2}",
-            common.unmeasurable(dict(states.items())))))))
+            common.unmeasurable(states))))))
 
 
 if __name__ == "__main__":
