@@ -1,12 +1,16 @@
 """imagebeam downsample: ImageNet tars, tar shards or folders -> Imagenet8/16/32/64 batch files (SPEC §2).
 
-    phase 1: ReadInputs (tars, folders, or URL lists fetched) -> DecodeResize -> Shuffle (into key buckets) -> WriteBatches
-             failures of every step -> WriteFailures; counts + files -> WriteMetadata
-    phase 2 (train): staged batches -> AnalyzeMean (TFT) -> FinalizeBatches (+mean) -> metadata.json
+    phase 1: IndexInputs (tars, folders, URL lists) -> StageRows (per work unit: read, decode, resize,
+             sort by key -> one run file + marker) -> MergeBatches (per key bucket: merge the runs ->
+             batch pieces); failures of every step -> WriteFailures; counts + files -> WriteMetadata
+    phase 2 (train): batch pieces -> AnalyzeMean (TFT) -> FinalizeBatches (+mean) -> metadata.json
 
 Train: seeded global shuffle into `train_data_batch_1..B`; phase 1 writes them to a hidden staging
 folder, phase 2 computes the mean with a TFT analyzer (writing `transform_fn/`), checks it against exact
 sums and writes the final files with it. Val: one `val_data` file in file-name order, in one phase.
+No image data crosses a runner's shuffle: rows are staged on disk in sorted runs and merged
+(transforms/staging.py), so memory does not grow with the dataset, and a killed run started again with
+the same command skips every finished work unit and merged bucket.
 """
 from __future__ import annotations
 
@@ -20,14 +24,15 @@ from apache_beam.io.filesystems import FileSystems
 from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil
-from imagebeam.transforms.batches import FinalizeBatches, ShuffleIntoBuckets, WriteBatches, pieces_per_batch
+from imagebeam.transforms import staging as stage
+from imagebeam.transforms.batches import BatchMerger, FinalizeBatches, RowEntryFn, pieces_per_batch
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
-from imagebeam.transforms.inputs import ReadInputs
+from imagebeam.transforms.inputs import IndexAllInputs, StageFromIndex
 from imagebeam.transforms.progress import ReportTotal
-from imagebeam.transforms.rows import DecodeToRows, LabelMapFromKeys
+from imagebeam.transforms.rows import LabelMapFromKeys, RowMaker
 from imagebeam.transforms.stats import AnalyzeMean
 
 _LOG = logging.getLogger(__name__)
@@ -79,32 +84,34 @@ BUCKETS_PER_BATCH = 8  # shuffle buckets per output batch: parallelism of the so
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
-    """Phase 1: read, decode, shuffle and write the batches (train: to the staging folder, no mean)."""
+    """Phase 1: stage every image's row in sorted runs, merge them into batches (train: pieces, no mean)."""
     train = args.split == "train"
     label_map = load_label_map(args.devkit, args.class_map)
+    staging = fileutil.join(args.output, STAGING)
+    progress = getattr(args, "progress", None)
 
-    inputs = p | "ReadInputs" >> ReadInputs(args.input, network_options.fetch_config(args),
-                                            network_options.list_columns(args))
-    labels = label_map if label_map is not None else inputs.class_keys | "LabelMap" >> LabelMapFromKeys()
-    blobs, read_failures = inputs.blobs, inputs.failures
-    _ = inputs.estimates | "ProgressTotal" >> ReportTotal(getattr(args, "progress", None))
-    rows, decode_failures = blobs | "DecodeResize" >> DecodeToRows(
-        labels, args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose,
-        getattr(args, "progress", None))
+    fetch_config = network_options.fetch_config(args)
+    indexed = p | "IndexInputs" >> IndexAllInputs(args.input, fetch_config, network_options.list_columns(args))
+    labels = label_map if label_map is not None else indexed.class_keys | "LabelMap" >> LabelMapFromKeys()
+    _ = indexed.estimates | "ProgressTotal" >> ReportTotal(progress)
+    rows = RowEntryFn(RowMaker(args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose),
+                      args.seed if train else None, BUCKETS_PER_BATCH * args.batches if train else 1)
+    summaries, failures = p | "StageRows" >> StageFromIndex(
+        indexed, staging, rows, args.fingerprint, [labels], fetch_config, progress)
 
-    batch_dir = fileutil.join(args.output, STAGING) if train else args.output
-    buckets, counts = rows | "Shuffle" >> ShuffleIntoBuckets(args.seed if train else None, BUCKETS_PER_BATCH * args.batches)
-    files = buckets | "WriteBatches" >> WriteBatches(batch_dir, args.format, args.size, train, args.batches, counts)
+    batch_dir = staging if train else args.output
+    files = summaries | "MergeBatches" >> stage.MergeBuckets(
+        staging, BatchMerger(batch_dir, args.format, args.size, train, args.batches))
 
-    failures = (read_failures, decode_failures) | "AllFailures" >> beam.Flatten()
     n_failed = failures | "WriteFailures" >> WriteFailures(args.output)
-    n_read = (blobs, read_failures) | "CountRead" >> CountAll()
+    units = summaries | "CountUnits" >> stage.UnitCounts()
+    n_read = units | "ReadCount" >> beam.Map(lambda c: c["read"])
 
     label_side = labels if isinstance(labels, beam.PCollection) else p | "StaticLabels" >> beam.Create([labels])
     classes_written = label_side | "WriteClasses" >> beam.Map(write_classes, args.output)
     _ = p | "WriteMetadata" >> WriteMetadata(
         batch_dir, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args, label_map),
-        extra_side={"label_order": classes_written})
+        extra_side={"label_order": classes_written, "units": units}, cleanup=() if train else (staging,))
 
 
 def build_mean(p: beam.Pipeline, args: argparse.Namespace, staged: dict) -> None:
@@ -144,10 +151,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
     check_args(args)
     fileutil.ensure_dir(args.output)
     staging = fileutil.join(args.output, STAGING)
-    fileutil.delete_existing([staging])  # left by an interrupted run: start its phase 1 afresh
-    job_options.run_job("downsample", build, pipeline_options, args)
+    # A staging folder left by a killed run of this very job is resumed: finished units are not redone.
+    args.fingerprint = stage.fingerprint("downsample", args, [*args.input, *filter(None, (args.devkit, args.class_map))])
+    stage.prepare(staging, args.fingerprint)
+    phase1_done = fileutil.join(staging, "metadata.json")
+    if args.split == "val" or not FileSystems.exists(phase1_done):
+        job_options.run_job("downsample", build, pipeline_options, args)
     if args.split == "train":
-        staged = read_json(fileutil.join(staging, "metadata.json"))
+        staged = read_json(phase1_done)
         # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.
         job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
                                  isolate=True)

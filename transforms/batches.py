@@ -2,10 +2,10 @@
 
 Determinism: the shuffle is the order of a keyed hash of (seed, image name), so it depends only on the
 set of images and the seed, never on bundle boundaries, worker count or runner. Batch k holds the rows
-of ranks [k*q, (k+1)*q) with q = N // batches, the last batch the remainder. Rows travel as packed
-bytes and are grouped once, into buckets that partition the key range in order; a bucket's global
-ranks follow from the row counts of the buckets before it (a small side input), so each sorted bucket
-is cut into per-batch pieces without a second shuffle.
+of ranks [k*q, (k+1)*q) with q = N // batches, the last batch the remainder. Rows are packed bytes,
+staged to disk in sorted runs (transforms/staging.py) under buckets that partition the key range in
+order; a bucket's global ranks follow from the row counts of the buckets before it (known from the runs'
+indexes), so each merged bucket is cut into per-batch pieces without any shuffle of the rows.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 
 from imagebeam.transforms.fileutil import join, write_with
-from imagebeam.transforms.rows import Row
+from imagebeam.transforms.labels import LabelMap
+from imagebeam.transforms.rows import ROW_ERRORS, Row, RowMaker
+from imagebeam.transforms.sources import Failure, ImageBlob
 
 PICKLE_PROTOCOL = 4  # Python 3 readers, objects over 4 GB allowed; the seed's loader is plain pickle.load
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed npz member timestamps: same rows => same bytes
@@ -63,97 +63,9 @@ def unpack_row(packed: bytes) -> Tuple[bytes, str, str, int, bytes]:
     return key, name, source, label, packed[at + n_name + n_source:]
 
 
-def _row_order(packed: bytes):
-    key, name, source, _, _ = unpack_row(packed)
-    return key, name.rsplit("/", 1)[-1], name, source
-
-
 def bucket_of(key: bytes, buckets: int) -> int:
     """Buckets partition the key range in order, so bucket order is shuffle order."""
     return (int.from_bytes(key[:4], "big") * buckets) >> 32
-
-
-class ShuffleIntoBuckets(beam.PTransform):
-    """rows -> (bucket, [packed rows in file order]) plus a singleton {bucket: count}.
-
-    Train (`seed` given): rows keyed by the seeded hash, grouped once into `buckets` key ranges.
-    Val (`seed` None): one bucket, rows keyed by file name for a stable order. Rows cross the shuffle
-    in chunks (many packed rows of one bucket per element), so the runner's work per image is tiny.
-    """
-
-    def __init__(self, seed: Optional[int], buckets: int, chunk_bytes: int = 256 << 10):
-        super().__init__()
-        self._seed, self._buckets = seed, (buckets if seed is not None else 1)
-        self._chunk_bytes = chunk_bytes
-
-    def expand(self, rows):
-        chunks = rows | "PackIntoChunks" >> beam.ParDo(
-            _ChunkRowsFn(self._seed, self._buckets, self._chunk_bytes)).with_output_types(Tuple[int, bytes])
-        counts = (chunks
-                  | "RowsPerChunk" >> beam.MapTuple(lambda bucket, chunk: (bucket, rows_in_chunk(chunk)))
-                  | "RowsPerBucket" >> beam.CombinePerKey(sum)
-                  | "CountsDict" >> beam.combiners.ToDict())
-        grouped = (chunks
-                   | "GroupBucket" >> beam.GroupByKey()
-                   | "SortBucket" >> beam.MapTuple(
-                       lambda b, cs: (b, sorted((r for c in cs for r in split_chunk(c)), key=_row_order))))
-        return grouped, counts
-
-
-_LENGTH = struct.Struct("<I")
-
-
-def join_chunk(packed_rows: List[bytes]) -> bytes:
-    return b"".join(_LENGTH.pack(len(p)) + p for p in packed_rows)
-
-
-def _chunk_spans(chunk: bytes) -> Iterator[Tuple[int, int]]:
-    at = 0
-    while at < len(chunk):
-        (n,) = _LENGTH.unpack_from(chunk, at)
-        yield at + 4, at + 4 + n
-        at += 4 + n
-
-
-def split_chunk(chunk: bytes) -> List[bytes]:
-    return [chunk[start:end] for start, end in _chunk_spans(chunk)]
-
-
-def rows_in_chunk(chunk: bytes) -> int:
-    """How many rows a chunk holds, without copying them out."""
-    return sum(1 for _ in _chunk_spans(chunk))
-
-
-class _ChunkRowsFn(beam.DoFn):
-    """Rows -> (bucket, chunk of packed rows), flushed at `chunk_bytes` and at the end of a bundle."""
-
-    def __init__(self, seed: Optional[int], buckets: int, chunk_bytes: int):
-        self._seed, self._buckets, self._chunk_bytes = seed, buckets, chunk_bytes
-
-    def start_bundle(self):
-        self._pending: Dict[int, List[bytes]] = {}
-        self._sizes: Dict[int, int] = {}
-
-    def process(self, row: Row):
-        if self._seed is None:
-            bucket, packed = 0, pack_row(_name_key(row.name), row)
-        else:
-            bucket, packed = _bucketed(row, self._seed, self._buckets)
-        self._pending.setdefault(bucket, []).append(packed)
-        self._sizes[bucket] = self._sizes.get(bucket, 0) + len(packed)
-        if self._sizes[bucket] >= self._chunk_bytes:
-            self._sizes[bucket] = 0
-            yield bucket, join_chunk(self._pending.pop(bucket))
-
-    def finish_bundle(self):
-        for bucket, rows in sorted(self._pending.items()):
-            yield WindowedValue((bucket, join_chunk(rows)), GlobalWindow().max_timestamp(), [GlobalWindow()])
-        self._pending, self._sizes = {}, {}
-
-
-def _bucketed(row: Row, seed: int, buckets: int) -> Tuple[int, bytes]:
-    key = shuffle_key(seed, row.name)
-    return bucket_of(key, buckets), pack_row(key, row)
 
 
 def _name_key(name: str) -> bytes:
@@ -162,11 +74,38 @@ def _name_key(name: str) -> bytes:
     return base[:KEY_BYTES].ljust(KEY_BYTES, b"\0")
 
 
-def split_bucket(bucket: int, packed_rows: List[bytes], counts: Dict[int, int],
-                 batches: int) -> List[Tuple[int, List[bytes]]]:
-    """A sorted bucket -> [(batch, rows)]: global ranks follow from the counts of earlier buckets."""
-    n = sum(counts.values())
-    offset = sum(c for b, c in counts.items() if b < bucket)
+def row_sort_key(key: bytes, row: Row) -> bytes:
+    """The order of rows: the 16-byte key, then file name, path and source (NUL-separated, so bytes
+    order is the order of the tuple)."""
+    base = row.name.rsplit("/", 1)[-1]
+    return b"\0".join((key + base.encode("utf-8"), row.name.encode("utf-8"), row.source.encode("utf-8")))
+
+
+class RowEntryFn:
+    """ImageBlob -> the staged entry of its row: (bucket, sort key, packed row), or a Failure.
+
+    Train (`seed` given): the seeded key and `buckets` key-range buckets. Val (`seed` None): one bucket,
+    rows in file-name order.
+    """
+
+    def __init__(self, maker: RowMaker, seed: Optional[int], buckets: int):
+        self._maker, self._seed, self._buckets = maker, seed, buckets
+
+    def __call__(self, blob: ImageBlob, label_map: LabelMap):
+        try:
+            row = self._maker(blob, label_map)
+        except ROW_ERRORS as exc:
+            return Failure(blob.source, blob.member, str(exc))
+        if self._seed is None:
+            key, bucket = _name_key(row.name), 0
+        else:
+            key = shuffle_key(self._seed, row.name)
+            bucket = bucket_of(key, self._buckets)
+        return bucket, row_sort_key(key, row), pack_row(key, row)
+
+
+def split_bucket(offset: int, n: int, packed_rows: List[bytes], batches: int) -> List[Tuple[int, List[bytes]]]:
+    """A sorted bucket whose first row has global rank `offset` (of n) -> [(batch, rows)]."""
     pieces: Dict[int, List[bytes]] = {}
     for i, packed in enumerate(packed_rows):
         pieces.setdefault(batch_of_rank(offset + i, n, batches), []).append(packed)
@@ -220,43 +159,32 @@ def write_batch(path: str, fmt: str, batch: Dict[str, object]) -> None:
     write_with(path, lambda f: WRITERS[fmt][0](f, batch))
 
 
-class WriteBatches(beam.PTransform):
-    """(bucket, sorted packed rows) -> files; emits {"file", "rows", "batch"} per file written.
+class BatchMerger:
+    """The merge step of downsample (staging.MergeBuckets): a bucket's sorted rows -> files.
 
     Val (one bucket): the final `val_data` file in `fmt`. Train: the bucket is cut at the batch
-    boundaries (global ranks from `counts`, a singleton {bucket: rows}) and each piece is written to
-    `output` as `piece-BBBBB-KKKKK.npz` (batch, bucket); FinalizeBatches joins the pieces of a batch in
-    bucket order, which is the shuffle order.
+    boundaries (global ranks from the task's offset) and each piece is written to `output` as
+    `piece-BBBBB-KKKKK.npz` (batch, bucket); FinalizeBatches joins the pieces of a batch in bucket
+    order, which is the shuffle order. Yields {"file", "rows", "batch"} per file written.
     """
 
-    def __init__(self, output: str, fmt: str, size: int, train: bool, batches: int = 1, counts=None):
-        super().__init__()
+    def __init__(self, output: str, fmt: str, size: int, train: bool, batches: int = 1):
         if fmt not in WRITERS:
             raise ValueError(f"unknown format {fmt!r}; choose from {sorted(WRITERS)}")
         self._output, self._fmt, self._row_size, self._train = output, fmt, 3 * size * size, train
-        self._batches, self._counts = batches, counts
+        self._batches = batches
 
-    def expand(self, buckets):
-        output, fmt, row_size, batches = self._output, self._fmt, self._row_size, self._batches
-
-        def write_val(element):
-            _, rows = element
-            name = batch_file_name(0, False, fmt)
-            write_batch(join(output, name), fmt, batch_dict(*rows_to_arrays(rows, row_size), None))
-            return [{"file": name, "rows": len(rows), "batch": 0}]
-
-        def write_pieces(element, counts):
-            bucket, rows = element
-            out = []
-            for batch, piece in split_bucket(bucket, rows, counts, batches):
-                name = piece_name(batch, bucket)
-                write_batch(join(output, name), "npz", batch_dict(*rows_to_arrays(piece, row_size), None))
-                out.append({"file": name, "rows": len(piece), "batch": batch})
-            return out
-
+    def __call__(self, task, entries: List[Tuple[bytes, bytes]]) -> Iterator[dict]:
+        rows = [payload for _, payload in entries]
         if not self._train:
-            return buckets | "WriteFile" >> beam.FlatMap(write_val)
-        return buckets | "WritePieces" >> beam.FlatMap(write_pieces, beam.pvalue.AsSingleton(self._counts))
+            name = batch_file_name(0, False, self._fmt)
+            write_batch(join(self._output, name), self._fmt, batch_dict(*rows_to_arrays(rows, self._row_size), None))
+            yield {"file": name, "rows": len(rows), "batch": 0}
+            return
+        for batch, piece in split_bucket(task.offset, task.total, rows, self._batches):
+            name = piece_name(batch, task.bucket)
+            write_batch(join(self._output, name), "npz", batch_dict(*rows_to_arrays(piece, self._row_size), None))
+            yield {"file": name, "rows": len(piece), "batch": batch}
 
 
 def piece_name(batch: int, bucket: int) -> str:

@@ -1,26 +1,28 @@
 """Every kind of `--input` as one source: image tars, shards and folders, and URL lists fetched on the fly.
 
-Jobs get four PCollections: the image blobs, the failures of reading/fetching, the class keys known
-before any image is read (tar and folder names, URL list labels: the sorted-class label map) and a
-per-unit estimate of the number of images (to size shuffle buckets).
+Two steps. `IndexAllInputs` lists what is there without reading any image: work units of the image
+sources, entries of the URL lists, the class keys (the sorted-class label map) and a per-unit estimate
+of the number of images (to size buckets). Then `StageFromIndex` stages every image in sorted runs on disk
+(transforms/staging.py), for the jobs that order the whole dataset (downsample, colorize).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
 from imagebeam.transforms.downloads import FetchImages
 from imagebeam.transforms.fetch import FetchConfig
-from imagebeam.transforms.sources import IndexInputs, ReadImages, class_keys, estimated_images
+from imagebeam.transforms.sources import IndexInputs, class_keys, estimated_images
+from imagebeam.transforms.staging import ItemFn, StageStream, StageUnits
 from imagebeam.transforms.url_lists import ReadUrlLists, is_url_list
 
 
-class Inputs(NamedTuple):
-    blobs: beam.PCollection
-    failures: beam.PCollection
-    class_keys: beam.PCollection   # str, possibly repeated
-    estimates: beam.PCollection    # int per work unit or URL
+class Indexed(NamedTuple):
+    units: Optional[beam.PCollection]     # WorkUnits and index failures of the image sources
+    entries: Optional[beam.PCollection]   # UrlEntry of the URL lists
+    class_keys: beam.PCollection          # str, possibly repeated
+    estimates: beam.PCollection           # int per work unit or URL
 
 
 def split_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -31,8 +33,12 @@ def split_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
     return images, lists
 
 
-class ReadInputs(beam.PTransform):
-    """`--input` paths -> Inputs. URL lists need a FetchConfig (the network options of the job)."""
+def _flatten(pcolls: List[beam.PCollection], label: str):
+    return pcolls[0] if len(pcolls) == 1 else tuple(pcolls) | label >> beam.Flatten()
+
+
+class IndexAllInputs(beam.PTransform):
+    """`--input` paths -> Indexed. URL lists need a FetchConfig (the network options of the job)."""
 
     def __init__(self, inputs: Sequence[str], fetch_config: Optional[FetchConfig] = None,
                  columns: Tuple[str, Optional[str], Optional[str]] = ("url", None, None)):
@@ -40,24 +46,51 @@ class ReadInputs(beam.PTransform):
         self._images, self._lists = split_inputs(inputs)
         if self._lists and fetch_config is None:
             raise ValueError(f"URL lists {self._lists} given to a job without network options")
-        self._config, self._columns = fetch_config, columns
+        self.fetch_config, self._columns = fetch_config, columns
 
-    def expand(self, pbegin) -> Inputs:
-        parts = []
+    def expand(self, pbegin) -> Indexed:
+        units = entries = None
+        keys, estimates = [], []
         if self._images:
-            indexed = pbegin | "IndexInputs" >> IndexInputs(self._images)
-            blobs, failures = indexed | "ReadImages" >> ReadImages()
-            parts.append((blobs, failures,
-                          indexed | "ClassKeys" >> beam.FlatMap(class_keys).with_output_types(str),
-                          indexed | "EstimateImages" >> beam.Map(estimated_images)))
+            units = pbegin | "IndexInputs" >> IndexInputs(self._images)
+            keys.append(units | "ClassKeys" >> beam.FlatMap(class_keys).with_output_types(str))
+            estimates.append(units | "EstimateImages" >> beam.Map(estimated_images))
         if self._lists:
             entries = pbegin | "ReadUrlLists" >> ReadUrlLists(self._lists, *self._columns)
-            blobs, failures = entries | "FetchImages" >> FetchImages(self._config)
-            parts.append((blobs, failures,
-                          entries | "ListLabels" >> beam.FlatMap(lambda e: [e.label] if e.label else [])
-                          .with_output_types(str),
-                          entries | "OnePerUrl" >> beam.Map(lambda _: 1)))
-        if len(parts) == 1:
-            return Inputs(*parts[0])
-        return Inputs(*(tuple(group) | f"All{name}" >> beam.Flatten()
-                        for name, group in zip(("Blobs", "Failures", "ClassKeys", "Estimates"), zip(*parts))))
+            keys.append(entries | "ListLabels" >> beam.FlatMap(lambda e: [e.label] if e.label else [])
+                        .with_output_types(str))
+            estimates.append(entries | "OnePerUrl" >> beam.Map(lambda _: 1))
+        return Indexed(units, entries, _flatten(keys, "AllClassKeys"), _flatten(estimates, "AllEstimates"))
+
+
+class StageFromIndex(beam.PTransform):
+    """`Indexed` (given here; apply to the pipeline) -> (summaries, failures): every image staged in
+    sorted runs (transforms/staging.py).
+
+    Image sources are staged work unit by work unit (a re-run skips finished units); fetched URL-list
+    images, which cannot be read again, are staged as they arrive.
+    """
+
+    def __init__(self, indexed: Indexed, staging: str, item_fn: ItemFn, params: str,
+                 side_inputs: Sequence[Any] = (), fetch_config: Optional[FetchConfig] = None,
+                 progress: Optional[str] = None):
+        super().__init__()
+        self._indexed = indexed
+        self._staging, self._item_fn, self._params = staging, item_fn, params
+        self._side, self._config, self._progress = list(side_inputs), fetch_config, progress
+
+    def expand(self, pbegin):
+        indexed = self._indexed
+        summaries, failures = [], []
+        if indexed.units is not None:
+            s, f = indexed.units | "StageUnits" >> StageUnits(self._staging, self._item_fn, self._params,
+                                                              self._side, self._progress)
+            summaries.append(s)
+            failures.append(f)
+        if indexed.entries is not None:
+            blobs, fetch_failures = indexed.entries | "FetchImages" >> FetchImages(self._config)
+            s, f = ((blobs, fetch_failures) | "FetchedAndFailed" >> beam.Flatten()
+                    | "StageFetched" >> StageStream(self._staging, self._item_fn, self._side, self._progress))
+            summaries.append(s)
+            failures.append(f)
+        return _flatten(summaries, "AllSummaries"), _flatten(failures, "AllStageFailures")

@@ -117,10 +117,18 @@ def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[
     meta.update(counts=counts, files=files, versions=versions())
     if counts.get("read") != counts["written"] + counts.get("failed", 0):
         raise CountsDontAddUp(f"counts do not add up: {counts}")
+    if cleanup:
+        meta["staging_bytes"] = meta.get("staging_bytes", 0) + bytes_under(cleanup)
     _remove_temporaries(cleanup)
     write_atomically(join(output, "metadata.json"),
                      (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return meta
+
+
+def bytes_under(paths: tuple) -> int:
+    """Bytes of the files below `paths` (the job's staging and scratch folders, before removal)."""
+    found = FileSystems.match([join(p, "**") for p in paths])
+    return sum(m.size_in_bytes for r in found for m in r.metadata_list)
 
 
 def natural_key(name: str):
@@ -156,6 +164,10 @@ def summary_table(title: str, meta: dict, output: str, extra: Dict[str, str] | N
     files = meta.get("files", [])
     shown = ", ".join(f"{f['file']} ({f['rows']})" for f in files[:6]) + (f", … {len(files)} files" if len(files) > 6 else "")
     rows.append(("files", shown or "none"))
+    if "staging_bytes" in meta:
+        units = meta.get("units") or {}
+        resumed = f", {units['units_reused']} of {units['units']} work units reused" if units.get("units_reused") else ""
+        rows.append(("staging", f"{meta['staging_bytes'] / 1e6:.1f} MB on disk at most, removed{resumed}"))
     rows += list((extra or {}).items())
     rows.append(("metadata", join(output, "metadata.json")))
     width = max(len(k) for k, _ in rows)

@@ -28,34 +28,50 @@ class Row(NamedTuple):
     pixels: bytes
 
 
-class _DecodeResizeFn(beam.DoFn):
-    """Label, decode by content, convert to RGB, squash to S x S; anything wrong becomes a Failure."""
+class RowMaker:
+    """Label, decode by content, convert to RGB, squash to S x S: an ImageBlob -> its Row.
 
-    def __init__(self, size: int, algorithm: str, fast_decode: bool, max_pixels: int, exif_transpose: bool,
-                 progress: Optional[str] = None):
-        self._progress = ProgressTicker(progress)
+    Raises DecodeError or LabelError for an input that cannot become a row (the caller makes it a Failure).
+    """
+
+    def __init__(self, size: int, algorithm: str = "box", fast_decode: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False):
         self._size = size
         self._algorithm = algorithm
         self._draft = fast_draft_size(size) if fast_decode else None
         self._max_pixels = max_pixels
         self._exif_transpose = exif_transpose
+
+    def __call__(self, blob: ImageBlob, label_map: LabelMap) -> Row:
+        label = label_map.label_for(blob.name, blob.class_key)
+        img = decode_rgb(blob.data, max_pixels=self._max_pixels, draft_size=self._draft,
+                         exif_transpose=self._exif_transpose)
+        return Row(blob.name, blob.source, label, planar_row(squash(img, self._size, self._algorithm)).tobytes())
+
+
+ROW_ERRORS = (DecodeError, LabelError)
+
+
+class _DecodeResizeFn(beam.DoFn):
+    """RowMaker as a DoFn; anything wrong becomes a Failure on the `failures` output."""
+
+    def __init__(self, maker: RowMaker, progress: Optional[str] = None):
+        self._progress = ProgressTicker(progress)
+        self._maker = maker
         self._decoded = beam.metrics.Metrics.counter("imagebeam", "decoded")
         self._failed = beam.metrics.Metrics.counter("imagebeam", "decode_failed")
 
     def process(self, blob: ImageBlob, label_map: LabelMap):
         try:
-            label = label_map.label_for(blob.name, blob.class_key)
-            img = decode_rgb(blob.data, max_pixels=self._max_pixels, draft_size=self._draft,
-                             exif_transpose=self._exif_transpose)
-            pixels = planar_row(squash(img, self._size, self._algorithm)).tobytes()
-        except (DecodeError, LabelError) as exc:
+            row = self._maker(blob, label_map)
+        except ROW_ERRORS as exc:
             self._failed.inc()
             self._progress.tick(failed=1)
             yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
             return
         self._decoded.inc()
         self._progress.tick(ok=1)
-        yield Row(blob.name, blob.source, label, pixels)
+        yield row
 
     def finish_bundle(self):
         self._progress.flush()
@@ -81,7 +97,7 @@ class DecodeToRows(beam.PTransform):
                  max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False, progress: Optional[str] = None):
         super().__init__()
         self._label_map = label_map
-        self._fn = _DecodeResizeFn(size, algorithm, fast_decode, max_pixels, exif_transpose, progress)
+        self._fn = _DecodeResizeFn(RowMaker(size, algorithm, fast_decode, max_pixels, exif_transpose), progress)
 
     def expand(self, blobs):
         label_map = self._label_map

@@ -3,7 +3,7 @@
 A source is read in two steps so that no big file is read by a single worker:
 1. `index_input` (cheap, headers only) turns an input path or glob into work units: one per member tar of
    a nested tar (ILSVRC2012_img_train.tar holds 1000 `n########.tar`), contiguous runs of members of a
-   flat tar, or single files of a folder;
+   flat tar, or runs of consecutive files of a folder or glob;
 2. after a Reshuffle spreads the units over workers, `read_unit` seeks to each unit's bytes.
 Every regular file found is an input: it ends up as an `ImageBlob` or as a `Failure` with its reason.
 """
@@ -20,7 +20,8 @@ from apache_beam.io.filesystems import FileSystems
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.labels import class_of
 
-# A flat tar is cut into units of at most this many members or bytes (one seek, then sequential reads).
+# A flat tar (or a folder) is cut into units of at most this many members or bytes (one seek, then
+# sequential reads); a unit is also what a restarted job skips when it was finished before.
 UNIT_MAX_MEMBERS = 256
 UNIT_MAX_BYTES = 64 << 20
 
@@ -50,10 +51,11 @@ class Failure(NamedTuple):
 
 class WorkUnit(NamedTuple):
     """A piece of one input file that one worker reads."""
-    kind: str                 # "file" | "members" | "member_tar" | "stream_tar"
-    source: str
+    kind: str                 # "file" | "files" | "members" | "member_tar" | "stream_tar"
+    source: str               # the file (tar or image); files: the folder or glob
     name: str = ""            # file: relative name; member_tar: the member tar's path in the outer tar
-    members: Tuple[Tuple[str, int, int], ...] = ()  # members: (name, data offset, size)
+    members: Tuple[Tuple[str, int, int], ...] = ()  # members: (name, data offset, size); files: (name, 0, size)
+    paths: Tuple[str, ...] = ()  # files: the path of each of `members`
     offset: int = 0           # member_tar: data offset of the member tar in the outer tar
     size: int = 0
 
@@ -91,11 +93,13 @@ def index_input(spec: str) -> Iterator[Indexed]:
         matched = fileutil.matching([spec])
         if not matched:
             raise ValueError(f"--input {spec!r} matches no file")
+        files = []
         for path in matched:
             if _is_tar(path):
                 yield from index_tar(path)
             else:
-                yield WorkUnit("file", path, name=posixpath.basename(path))
+                files.append((posixpath.basename(path), path))
+        yield from _file_units(spec, files)
         return
     if _is_tar(spec):
         if not FileSystems.exists(spec):
@@ -113,9 +117,16 @@ def index_folder(root: str) -> Iterator[Indexed]:
     if not paths:
         raise ValueError(f"--input {root!r} is neither a tar nor a folder with files")
     prefix = root + "/"
-    for path in paths:
-        rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
-        yield WorkUnit("file", path, name=rel)
+    yield from _file_units(root, [(path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path), path)
+                                  for path in paths])
+
+
+def _file_units(source: str, files: List[Tuple[str, str]]) -> Iterator[WorkUnit]:
+    """(relative name, path) pairs in order -> one unit per run of UNIT_MAX_MEMBERS files ("files")."""
+    for start in range(0, len(files), UNIT_MAX_MEMBERS):
+        run = files[start:start + UNIT_MAX_MEMBERS]
+        yield WorkUnit("files", source, members=tuple((name, 0, 0) for name, _ in run),
+                       paths=tuple(path for _, path in run))
 
 
 def index_tar(path: str) -> Iterator[Indexed]:
@@ -308,6 +319,9 @@ def read_unit(unit: WorkUnit) -> Iterator[Union[ImageBlob, Failure]]:
             yield Failure(unit.source, None, f"cannot read file: {exc}")
             return
         yield ImageBlob(unit.source, None, unit.name, class_of(unit.name), data)
+    elif unit.kind == "files":
+        for (name, _, _), path in zip(unit.members, unit.paths):
+            yield from read_unit(WorkUnit("file", path, name=name))
     elif unit.kind == "members":
         yield from _read_members(unit)
     elif unit.kind == "member_tar":

@@ -1,0 +1,408 @@
+"""Staging, ordering and merging for every image job: sorted runs on disk, small keys in the shuffle.
+
+No job moves the dataset's bytes through a shuffle that a runner holds in memory. Instead:
+
+1. **Stage** (`StageUnits`, `StageStream`): each work unit (a member tar, a run of tar members or of
+   folder files; for inputs that cannot be re-read, a bundle of fetched images) turns its images into
+   entries `(bucket, sort key, payload)` with a job's `item_fn`, sorts them and writes ONE run file under
+   the staging folder, then a JSON marker with the run's index (byte range and count per bucket), its read
+   count and its failures. Only that small summary travels on.
+2. **Plan** (`plan_buckets`): from the summaries alone (counts per bucket, nothing else), every bucket gets
+   its slices of every run and its global rank offset within its group (a split).
+3. **Merge** (`MergeBuckets`): a bucket's entries are read from the runs (one contiguous read per run)
+   and merged by key; the job's `merge_fn` writes outputs from them. Memory: one unit while staging, one
+   bucket while merging.
+
+Resume: a unit whose marker exists (written last, with the same job fingerprint) is not read again, and
+a bucket whose marker exists is not merged again; both re-emit what their marker recorded, so a re-run
+after a kill produces the same bytes. `prepare` keeps the staging folder only for the very same job
+(options and input files): anything else starts afresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import struct
+import uuid
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.filesystems import FileSystems
+
+from imagebeam.transforms import fileutil
+from imagebeam.transforms.progress import ProgressTicker
+from imagebeam.transforms.sources import Failure, ImageBlob, Indexed, WorkUnit, read_unit
+
+FAILURES = "failures"
+JOB_FILE = "job.json"
+UNITS, MERGED = "units", "merged"
+STREAM_RUN_BYTES = 64 << 20  # a bundle of fetched images is flushed to a run file at about this size
+
+_ENTRY = struct.Struct("<III")  # bucket, key length, payload length; then key, payload
+
+Entry = Tuple[int, bytes, bytes]                  # (bucket, sort key, payload)
+ItemFn = Callable[..., Union[Entry, Failure]]      # (ImageBlob, *side values) -> entry or failure
+
+
+# --- the staging folder of one job ---------------------------------------------------------------------
+
+VOLATILE_ARGS = ("progress", "fingerprint")
+
+
+def fingerprint(job: str, args: Any, inputs: Sequence[str]) -> str:
+    """What the staged data depends on: the job, its options and each input file's size and mtime."""
+    facts = {k: v for k, v in sorted(vars(args).items()) if k not in VOLATILE_ARGS}
+    stats = []
+    for spec in inputs:
+        try:
+            found = FileSystems.match([spec])[0].metadata_list
+        except Exception:  # noqa: BLE001 - a folder or URL list: its files are listed below
+            found = []
+        if not found and not any(c in spec for c in "*?["):
+            try:
+                found = FileSystems.match([FileSystems.join(spec.rstrip("/"), "**")])[0].metadata_list
+            except Exception:  # noqa: BLE001
+                found = []
+        stats.append(sorted((m.path, m.size_in_bytes, getattr(m, "last_updated_in_seconds", 0)) for m in found))
+    blob = json.dumps({"job": job, "facts": facts, "inputs": stats}, sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def prepare(staging: str, job_fingerprint: str) -> bool:
+    """Keep `staging` if an earlier run of this very job left it (True: resuming); else start it afresh."""
+    path = fileutil.join(staging, JOB_FILE)
+    if FileSystems.exists(path):
+        try:
+            with FileSystems.open(path) as f:
+                if json.load(f).get("fingerprint") == job_fingerprint:
+                    return True
+        except (OSError, ValueError):
+            pass
+    fileutil.delete_existing([staging])
+    fileutil.write_atomically(path, json.dumps({"fingerprint": job_fingerprint}).encode("utf-8"))
+    return False
+
+
+# --- run files -----------------------------------------------------------------------------------------
+
+def write_run(path: str, entries: List[Entry]) -> List[List[int]]:
+    """Sort `entries` by (bucket, key), write them to `path`; returns [[bucket, offset, length, count]]."""
+    entries.sort(key=lambda e: (e[0], e[1]))
+    index: List[List[int]] = []
+    at = 0
+
+    def write(f):
+        nonlocal at
+        for bucket, key, payload in entries:
+            if not index or index[-1][0] != bucket:
+                index.append([bucket, at, 0, 0])
+            f.write(_ENTRY.pack(bucket, len(key), len(payload)))
+            f.write(key)
+            f.write(payload)
+            n = _ENTRY.size + len(key) + len(payload)
+            index[-1][2] += n
+            index[-1][3] += 1
+            at += n
+
+    fileutil.write_with(path, write)
+    return index
+
+
+def read_slice(path: str, offset: int, length: int) -> List[Tuple[bytes, bytes]]:
+    """The (key, payload) entries of one bucket of one run, in key order (one read)."""
+    with FileSystems.open(path) as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise IOError(f"staged run {path} is shorter than its index says ({len(data)} of {length} bytes)")
+    out, at = [], 0
+    view = memoryview(data)
+    while at < length:
+        _, n_key, n_payload = _ENTRY.unpack_from(data, at)
+        at += _ENTRY.size
+        out.append((bytes(view[at:at + n_key]), bytes(view[at + n_key:at + n_key + n_payload])))
+        at += n_key + n_payload
+    return out
+
+
+# --- stage: units -> runs + markers --------------------------------------------------------------------
+
+def unit_id(unit: WorkUnit) -> str:
+    """A stable name for a work unit (the same input gives the same units in the same order)."""
+    return hashlib.blake2b(repr(tuple(unit)).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def failure_from_json(d: dict) -> Failure:
+    return Failure(d["source"], d.get("member"), d["reason"])
+
+
+def _summary(run: Optional[str], index: List[List[int]], read: int, failures: List[Failure],
+             unit: bool = True) -> dict:
+    """What a staged unit tells the rest of the job (`unit`: a resumable work unit, not a stream run)."""
+    return {"run": run, "buckets": index, "read": read, "failures": [f.to_json() for f in failures],
+            "unit": unit, "reused": False}
+
+
+class _UnitStager:
+    """Shared by both stagers: item_fn over blobs, failures kept, progress ticks."""
+
+    def __init__(self, item_fn: ItemFn, progress: Optional[str]):
+        self._item_fn, self._progress = item_fn, ProgressTicker(progress)
+
+    def entries(self, blobs: Iterable[Union[ImageBlob, Failure]], side: tuple,
+                entries: List[Entry], failures: List[Failure]) -> int:
+        read = 0
+        for blob in blobs:
+            read += 1
+            out = blob if isinstance(blob, Failure) else self._item_fn(blob, *side)
+            if isinstance(out, Failure):
+                failures.append(out)
+                self._progress.tick(failed=1)
+            else:
+                entries.append(out)
+                self._progress.tick(ok=1)
+        return read
+
+
+class _StageUnitFn(beam.DoFn):
+    def __init__(self, staging: str, params: str, item_fn: ItemFn, progress: Optional[str]):
+        self._staging, self._params = staging, params
+        self._stager = _UnitStager(item_fn, progress)
+        self._staged = beam.metrics.Metrics.counter("imagebeam", "units_staged")
+        self._reused = beam.metrics.Metrics.counter("imagebeam", "units_reused")
+
+    def process(self, item: Indexed, *side):
+        if isinstance(item, Failure):  # the index itself failed somewhere: one input, not read
+            yield _summary(None, [], 1, [item], unit=False)
+            yield pvalue.TaggedOutput(FAILURES, item)
+            return
+        name = unit_id(item)
+        marker = fileutil.join(self._staging, UNITS, name + ".json")
+        summary = _load_marker(marker, self._params)
+        if summary is not None:
+            self._reused.inc()
+            summary["reused"] = True
+        else:
+            entries: List[Entry] = []
+            failures: List[Failure] = []
+            read = self._stager.entries(read_unit(item), side, entries, failures)
+            run = fileutil.join(self._staging, UNITS, name + ".run") if entries else None
+            index = write_run(run, entries) if run else []
+            summary = _summary(run, index, read, failures)
+            fileutil.write_atomically(marker, json.dumps(dict(summary, params=self._params)).encode("utf-8"))
+            self._staged.inc()
+        yield summary
+        for f in summary["failures"]:
+            yield pvalue.TaggedOutput(FAILURES, failure_from_json(f))
+
+    def finish_bundle(self):
+        self._stager._progress.flush()
+
+
+def _load_marker(path: str, params: str) -> Optional[dict]:
+    if not FileSystems.exists(path):
+        return None
+    try:
+        with FileSystems.open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if summary.pop("params", None) != params:
+        return None
+    return summary
+
+
+def _side_args(side_inputs: Sequence[Any]) -> list:
+    return [pvalue.AsSingleton(s) if isinstance(s, pvalue.PCollection) else s for s in side_inputs]
+
+
+class StageUnits(beam.PTransform):
+    """Indexed work units (and index failures) -> (summaries, failures); runs and markers in `staging`.
+
+    `item_fn(blob, *side)` returns an Entry or a Failure; `side_inputs` are singleton PCollections (or
+    plain values) passed to it. `params` (a string) must change whenever entries would: a marker made
+    with other params is not reused.
+    """
+
+    def __init__(self, staging: str, item_fn: ItemFn, params: str, side_inputs: Sequence[Any] = (),
+                 progress: Optional[str] = None):
+        super().__init__()
+        self._fn = _StageUnitFn(staging, params, item_fn, progress)
+        self._side = list(side_inputs)
+
+    def expand(self, indexed):
+        out = (indexed
+               | "SpreadUnits" >> beam.Reshuffle()
+               | "StageUnit" >> beam.ParDo(self._fn, *_side_args(self._side)).with_outputs(FAILURES, main="summaries"))
+        return out.summaries, out[FAILURES]
+
+
+class _StageStreamFn(beam.DoFn):
+    """Blobs that cannot be read again (fetched from URL lists) -> runs of about STREAM_RUN_BYTES."""
+
+    def __init__(self, staging: str, item_fn: ItemFn, progress: Optional[str]):
+        self._staging = staging
+        self._stager = _UnitStager(item_fn, progress)
+
+    def start_bundle(self):
+        self._entries: List[Entry] = []
+        self._failures: List[Failure] = []
+        self._read = self._bytes = 0
+
+    def process(self, blob: Union[ImageBlob, Failure], *side):
+        before = len(self._entries)
+        self._read += self._stager.entries([blob], side, self._entries, self._failures)
+        self._bytes += sum(len(e[2]) for e in self._entries[before:])
+        if self._bytes >= STREAM_RUN_BYTES:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for out in self._flush():
+            tag, value = (FAILURES, out.value) if isinstance(out, pvalue.TaggedOutput) else (None, out)
+            windowed = WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+            yield pvalue.TaggedOutput(tag, windowed) if tag else windowed
+        self._stager._progress.flush()
+
+    def _flush(self):
+        if not self._read:
+            return
+        run = fileutil.join(self._staging, UNITS, f"stream-{uuid.uuid4().hex}.run") if self._entries else None
+        index = write_run(run, self._entries) if run else []
+        yield _summary(run, index, self._read, self._failures, unit=False)
+        for f in self._failures:
+            yield pvalue.TaggedOutput(FAILURES, f)
+        self.start_bundle()
+
+
+class StageStream(beam.PTransform):
+    """Blobs and read failures -> (summaries, failures), like StageUnits (runs are not resumable)."""
+
+    def __init__(self, staging: str, item_fn: ItemFn, side_inputs: Sequence[Any] = (),
+                 progress: Optional[str] = None):
+        super().__init__()
+        self._fn = _StageStreamFn(staging, item_fn, progress)
+        self._side = list(side_inputs)
+
+    def expand(self, blobs):
+        out = blobs | "StageStream" >> beam.ParDo(self._fn, *_side_args(self._side)).with_outputs(
+            FAILURES, main="summaries")
+        return out.summaries, out[FAILURES]
+
+
+# --- plan and merge ------------------------------------------------------------------------------------
+
+class BucketTask(NamedTuple):
+    """One bucket to merge: its slices of the runs, its entries and its place in its group (split)."""
+    bucket: int
+    slices: Tuple[Tuple[str, int, int], ...]   # (run path, offset, length)
+    count: int
+    offset: int          # entries of the same group in lower buckets: the global rank of the first entry
+    total: int           # entries of the group
+
+
+def plan_buckets(summaries: Iterable[dict], group_size: int = 0) -> List[BucketTask]:
+    """Summaries -> a task per non-empty bucket. Groups are `bucket // group_size` (0: one group)."""
+    slices: Dict[int, List[Tuple[str, int, int]]] = {}
+    counts: Dict[int, int] = {}
+    for s in summaries:
+        for bucket, offset, length, n in s["buckets"]:
+            slices.setdefault(bucket, []).append((s["run"], offset, length))
+            counts[bucket] = counts.get(bucket, 0) + n
+    group = (lambda b: b // group_size) if group_size else (lambda b: 0)
+    totals: Dict[int, int] = {}
+    for b, n in counts.items():
+        totals[group(b)] = totals.get(group(b), 0) + n
+    tasks, seen = [], {}
+    for b in sorted(counts):
+        g = group(b)
+        tasks.append(BucketTask(b, tuple(sorted(slices[b])), counts[b], seen.get(g, 0), totals[g]))
+        seen[g] = seen.get(g, 0) + counts[b]
+    return tasks
+
+
+def read_bucket(task: BucketTask) -> List[Tuple[bytes, bytes]]:
+    """A bucket's (key, payload) entries from every run, merged in key order."""
+    return list(heapq.merge(*(read_slice(*s) for s in task.slices), key=lambda e: e[0]))
+
+
+class _MergeFn(beam.DoFn):
+    def __init__(self, staging: str, merge_fn: Callable[..., Iterator[Any]], resumable: bool):
+        self._staging, self._merge_fn, self._resumable = staging, merge_fn, resumable
+        self._merged = beam.metrics.Metrics.counter("imagebeam", "buckets_merged")
+
+    def process(self, task: BucketTask, *side):
+        marker = fileutil.join(self._staging, MERGED, f"bucket-{task.bucket:06d}.json")
+        if self._resumable and FileSystems.exists(marker):
+            with FileSystems.open(marker) as f:
+                yield from json.load(f)["outputs"]
+            return
+        outputs = []
+        for out in self._merge_fn(task, read_bucket(task), *side):
+            if self._resumable:
+                outputs.append(out)
+            yield out
+        self._merged.inc()
+        if self._resumable:
+            fileutil.write_atomically(marker, json.dumps({"outputs": outputs}).encode("utf-8"))
+
+
+class MergeBuckets(beam.PTransform):
+    """Summaries -> what `merge_fn(task, entries, *side)` yields for every bucket.
+
+    `resumable`: the outputs are JSON values (file descriptions) recorded in a per-bucket marker, and a
+    bucket with a marker is not merged again. `tags`: extra tagged outputs of `merge_fn` (returned as
+    the ParDo's DoOutputsTuple then).
+    """
+
+    def __init__(self, staging: str, merge_fn: Callable[..., Iterator[Any]], group_size: int = 0,
+                 resumable: bool = True, side_inputs: Sequence[Any] = (), tags: Sequence[str] = ()):
+        super().__init__()
+        self._fn = _MergeFn(staging, merge_fn, resumable)
+        self._group_size, self._side, self._tags = group_size, list(side_inputs), tuple(tags)
+
+    def expand(self, summaries):
+        group_size = self._group_size
+        tasks = (summaries
+                 | "AllSummaries" >> beam.combiners.ToList()
+                 | "PlanBuckets" >> beam.FlatMap(lambda s: plan_buckets(s, group_size))
+                 | "SpreadBuckets" >> beam.Reshuffle())
+        merge = beam.ParDo(self._fn, *_side_args(self._side))
+        if self._tags:
+            return tasks | "MergeBucket" >> merge.with_outputs(*self._tags, main="main")
+        return tasks | "MergeBucket" >> merge
+
+
+class UnitCounts(beam.PTransform):
+    """Summaries -> singleton {"read", "units", "units_reused"}: the counts that travel to metadata.json."""
+
+    def expand(self, summaries):
+        return summaries | "UnitCounts" >> beam.CombineGlobally(_DictSum())
+
+
+class _DictSum(beam.CombineFn):
+    KEYS = ("read", "units", "units_reused")
+
+    def create_accumulator(self):
+        return dict.fromkeys(self.KEYS, 0)
+
+    def add_input(self, acc, s):
+        acc = dict(acc)
+        acc["read"] += s["read"]
+        acc["units"] += 1 if s.get("unit") else 0
+        acc["units_reused"] += 1 if s.get("reused") else 0
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for a in accs:
+            for k in self.KEYS:
+                out[k] += a[k]
+        return out
+
+    def extract_output(self, acc):
+        return acc
