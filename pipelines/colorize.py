@@ -1,9 +1,13 @@
 """imagebeam colorize: images -> deep-koalarization's Lab + Inception-ResNet-v2 TFRecords (SPEC §3).
 
-    ReadInputs (tars, folders, or URL lists fetched) -> CheckDecode -> OrderedChunks (seeded order, per bucket) -> Letterbox (299, white)
+    IndexInputs (tars, folders, URL lists) -> StageImages (per work unit: decode check, sorted run on disk)
+        -> MergeChunks (per key bucket: merge the runs, cut into chunks in the seeded order) -> Letterbox (299, white)
         -> EmbedChunks (RunInference: grey -> [-1, 1] -> Inception-ResNet-v2 logits, one chunk per call)
         -> WriteRecordFiles (224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
     failures of every step -> failures.jsonl; counts + files -> metadata.json (written last)
+
+No image data crosses a runner's shuffle (transforms/staging.py), so memory does not grow with the
+dataset; a killed run started again with the same command skips finished units, chunks and files.
 
 Writes `lab_images_K.tfrecord` (and `val_lab_images_K.tfrecord` with --val-fraction), `--examples-per-file`
 records each, in the order of a seeded hash of the image name, so reruns and any worker count give the
@@ -20,15 +24,16 @@ import apache_beam as beam
 from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil, inception
+from imagebeam.transforms import staging as stage
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
 from imagebeam.transforms.lab_records import RECORD_FORMATS
-from imagebeam.transforms.lab_shards import (FILE_PREFIX, BucketCount, CheckDecode, FitParams, OrderedChunks,
-                                              WriteRecordFiles, fit_chunk)
+from imagebeam.transforms.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
+                                              LabEntryFn, WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.progress import ReportTotal
 from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.resize import FIT_MODES
-from imagebeam.transforms.inputs import ReadInputs
+from imagebeam.transforms.inputs import IndexAllInputs, StageFromIndex
 
 _LOG = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -91,18 +96,20 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     staging = fileutil.join(args.output, STAGING)
-    inputs = p | "ReadInputs" >> ReadInputs(args.input, network_options.fetch_config(args),
-                                            network_options.list_columns(args))
-    n_buckets = inputs.estimates | "BucketCount" >> BucketCount(args.buckets)
-    _ = inputs.estimates | "ProgressTotal" >> ReportTotal(getattr(args, "progress", None))
-    blobs, read_failures = inputs.blobs, inputs.failures
+    progress = getattr(args, "progress", None)
+    fetch_config = network_options.fetch_config(args)
+    indexed = p | "IndexInputs" >> IndexAllInputs(args.input, fetch_config, network_options.list_columns(args))
+    n_buckets = indexed.estimates | "BucketCount" >> BucketCount(args.buckets)
+    _ = indexed.estimates | "ProgressTotal" >> ReportTotal(progress)
     params = FitParams(args.mode, args.max_pixels, args.exif_transpose)
-    items, decode_failures = blobs | "CheckDecode" >> CheckDecode(n_buckets, args.seed, args.val_fraction, params)
-    chunks = (items
-              | "OrderedChunks" >> OrderedChunks(args.batch_size)
-              | "Letterbox" >> beam.Map(fit_chunk, params))
+    summaries, stage_failures = p | "StageImages" >> StageFromIndex(
+        indexed, staging, LabEntryFn(args.seed, args.val_fraction, params), args.fingerprint, [n_buckets],
+        fetch_config)
+    merged = summaries | "MergeChunks" >> stage.MergeBuckets(
+        staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False, tags=[DONE])
+    chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params)
 
-    failure_sets = [read_failures, decode_failures]
+    failure_sets = [stage_failures]
     if args.embedding == "none":
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
@@ -112,19 +119,18 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         embedded, embed_failures = chunks | "EmbedChunks" >> embed
         failure_sets.append(embed_failures)
     files = embedded | "WriteRecordFiles" >> WriteRecordFiles(
-        args.output, staging, args.record_format, args.examples_per_file, args.compression,
-        getattr(args, "progress", None))
+        args.output, staging, args.record_format, args.examples_per_file, args.compression, progress,
+        done=merged[DONE])
 
     n_failed = tuple(failure_sets) | "AllFailures" >> beam.Flatten() | "WriteFailures" >> WriteFailures(args.output)
-    n_read = (blobs, read_failures) | "CountRead" >> CountAll()
-    sizes = (embedded
-             | "EmbeddingSize" >> beam.MapTuple(lambda _, e: 0 if e is None else int(e.shape[1]))
-             | "DistinctSizes" >> beam.Distinct()
-             | "SizeList" >> beam.combiners.ToList()
-             | "OneSize" >> beam.Map(lambda s: sorted(s)[-1] if s else None))
+    units = summaries | "CountUnits" >> stage.UnitCounts()
+    n_read = units | "ReadCount" >> beam.Map(lambda c: c["read"])
+    sizes = (files
+             | "EmbeddingSizes" >> beam.Map(lambda f: f["embedding_size"] or 0)
+             | "LargestSize" >> beam.CombineGlobally(lambda sizes: max(sizes, default=0) or None))
     _ = p | "WriteMetadata" >> WriteMetadata(
         args.output, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args),
-        extra_side={"embedding_size": sizes}, cleanup=(staging,))
+        extra_side={"embedding_size": sizes, "units": units}, cleanup=(staging,))
 
 
 def job_facts(args: argparse.Namespace) -> dict:
@@ -153,9 +159,9 @@ def job_facts(args: argparse.Namespace) -> dict:
 
 
 def remove_previous_outputs(output: str) -> None:
-    """Record files of an earlier run (which may have had more files) and its staging folder."""
+    """Record files of an earlier, different run (which may have had more files)."""
     records = fileutil.matching(fileutil.join(output, f"{prefix}_*.tfrecord") for prefix in FILE_PREFIX.values())
-    fileutil.delete_existing([*records, fileutil.join(output, STAGING)])
+    fileutil.delete_existing(records)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -166,7 +172,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         _LOG.warning("--inception-weights random: UNTRAINED weights, the embeddings are meaningless "
                      "(tests and demos only); metadata.json says so")
     fileutil.ensure_dir(args.output)
-    remove_previous_outputs(args.output)
+    # A staging folder left by a killed run of this very job is resumed: finished work is not redone.
+    args.fingerprint = stage.fingerprint("colorize", args, args.input)
+    if not stage.prepare(fileutil.join(args.output, STAGING), args.fingerprint):
+        remove_previous_outputs(args.output)
     job_options.run_job("colorize", build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("colorize finished: %s", meta["counts"])

@@ -85,14 +85,15 @@ def write_with(path: str, writer: Callable[[BinaryIO], None]) -> str:
 _COPY_BLOCK = 16 << 20
 
 
-def concat_files(path: str, sources: Iterable[str], compression: str = "none") -> None:
+def concat_files(path: str, sources: Iterable[str], compression: str = "none", move_single: bool = True) -> None:
     """Write `path` as the concatenation of `sources` (record pieces, manifest pieces), optionally gzip.
 
     Gzip is one deflate stream (zlib, no file name, mtime 0): the same input gives the same bytes.
-    A single uncompressed source is renamed into place instead of copied.
+    A single uncompressed source is renamed into place instead of copied (unless `move_single` is False:
+    a resumable job keeps its sources until it has recorded the file as done).
     """
     sources = list(sources)
-    if compression != "gzip" and len(sources) == 1:
+    if compression != "gzip" and len(sources) == 1 and move_single:
         move_into_place(sources[0], path)
         return
     with atomic_writer(path) as out:

@@ -1,29 +1,33 @@
-"""The colorize job's data path: decode + letterbox, a seeded order, chunks, and ordered TFRecord files.
+"""The colorize job's data path: decode check, a seeded order, chunks, and ordered TFRecord files.
 
 Order and split are functions of the image name only: the place of a record is the order of a keyed
 BLAKE2 hash of (seed, name), and an image goes to the val files when a second keyed hash falls below
-`--val-fraction`. Images are decoded once to sort failures out, then grouped once into key-range
-buckets with their encoded bytes (not pixels: less to move); each bucket is sorted and cut into chunks
-of `--batch-size` consecutive items, which are decoded and letterboxed again. A chunk is the unit of the embedding (one model call, the same
-images in it whatever the runner or worker count, so the float results repeat bit for bit) and of
-writing: its records go to staged pieces, one per output file it touches (global ranks follow from the
-per-bucket counts, a small side input), and each output file is the concatenation of its pieces in
-(bucket, chunk) order.
+`--val-fraction`. Each work unit decodes its images once to sort failures out and stages their encoded
+bytes (not pixels: less disk) in a sorted run on disk, under key-range buckets (transforms/staging.py);
+each bucket is merged from the runs and cut into chunks of `--batch-size` consecutive items, which are
+decoded and letterboxed again. A chunk is the unit of the embedding (one model call, the same images in
+it whatever the runner or worker count, so the float results repeat bit for bit) and of writing: its
+records go to staged pieces, one per output file it touches (global ranks follow from the per-bucket
+counts), then a chunk marker; each output file is the concatenation of its pieces in (bucket, chunk)
+order, then a file marker. A re-run skips finished units, chunks and files.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+import struct
+from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
+from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms import colour
 from imagebeam.transforms.batches import bucket_of, shuffle_key
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.fileutil import concat_files, join, write_atomically
+from imagebeam.transforms.fileutil import concat_files, delete_existing, join, write_atomically
 from imagebeam.transforms.lab_records import encode_example
 from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.tfrecord import frame_record
@@ -111,46 +115,56 @@ def piece_name(split: str, file_index: int, bucket: int, chunk: int) -> str:
     return f"{split}-{file_index:06d}-{bucket:05d}-{chunk:05d}.piece"
 
 
-# --- decode + letterbox --------------------------------------------------------------------------------
+# --- decode check + staging ---------------------------------------------------------------------------
 
-class _CheckDecodeFn(beam.DoFn):
-    """Decode once to sort failures out before the order is fixed; key the bytes for the shuffle.
+SPLITS = (TRAIN, VAL)
+_ITEM = struct.Struct("<III")  # len(name), len(source), len(member) + 1 (0: no member); then data
 
-    The pixels are made again after the shuffle (`fit_chunk`): shipping the encoded file (about 110 KB
-    for an ILSVRC JPEG) instead of 268 KB of pixels costs a second JPEG decode (under 1 ms) and saves
-    the runner more than that in moving bytes.
+
+def staged_bucket(split: str, bucket: int) -> int:
+    """(split, bucket) as one staging bucket number: splits never share a bucket, and rank separately."""
+    return SPLITS.index(split) * MAX_BUCKETS + bucket
+
+
+def pack_item(item: LabItem) -> bytes:
+    name, source = item.name.encode("utf-8"), item.source.encode("utf-8")
+    member = b"" if item.member is None else item.member.encode("utf-8")
+    return (_ITEM.pack(len(name), len(source), 0 if item.member is None else len(member) + 1)
+            + name + source + member + item.data)
+
+
+def unpack_item(item_id_: bytes, packed: bytes) -> LabItem:
+    n_name, n_source, n_member = _ITEM.unpack_from(packed)
+    at = _ITEM.size
+    name = packed[at:at + n_name].decode("utf-8")
+    at += n_name
+    source = packed[at:at + n_source].decode("utf-8")
+    at += n_source
+    member = None if n_member == 0 else packed[at:at + n_member - 1].decode("utf-8")
+    at += max(0, n_member - 1)
+    return LabItem(item_id_, name, source, member, packed[at:])
+
+
+class LabEntryFn:
+    """ImageBlob -> its staged entry (bucket, item id, packed item), or a Failure if it does not decode.
+
+    Decoded once here to sort failures out before the order is fixed; the pixels are made again after
+    the merge (`fit_chunk`): staging the encoded file (about 110 KB for an ILSVRC JPEG) instead of 268 KB
+    of pixels costs a second JPEG decode (under 1 ms).
     """
 
     def __init__(self, seed: int, val_fraction: float, params: FitParams):
         self._seed, self._val_fraction, self._params = seed, val_fraction, params
-        self._decoded = beam.metrics.Metrics.counter("imagebeam", "decoded")
-        self._failed = beam.metrics.Metrics.counter("imagebeam", "decode_failed")
 
-    def process(self, blob: ImageBlob, n_buckets: int):
+    def __call__(self, blob: ImageBlob, n_buckets: int):
         try:
             self._params.decode(blob.data)
         except DecodeError as exc:
-            self._failed.inc()
-            yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
-            return
-        self._decoded.inc()
+            return Failure(blob.source, blob.member, str(exc))
         ident = item_id(self._seed, blob.name, blob.source)
         split = split_of(self._seed, blob.name, self._val_fraction)
-        yield (split, bucket_of(ident[:16], n_buckets)), LabItem(ident, blob.name, blob.source, blob.member, blob.data)
-
-
-class CheckDecode(beam.PTransform):
-    """blobs -> ((split, bucket), LabItem) and failures. `n_buckets`: singleton PCollection of an int."""
-
-    def __init__(self, n_buckets, seed: int = 0, val_fraction: float = 0.0, params: FitParams = FitParams()):
-        super().__init__()
-        self._n_buckets = n_buckets
-        self._fn = _CheckDecodeFn(seed, val_fraction, params)
-
-    def expand(self, blobs):
-        out = blobs | "CheckDecode" >> beam.ParDo(
-            self._fn, pvalue.AsSingleton(self._n_buckets)).with_outputs(FAILURES, main="items")
-        return out.items, out[FAILURES]
+        item = LabItem(ident, blob.name, blob.source, blob.member, blob.data)
+        return staged_bucket(split, bucket_of(ident[:16], n_buckets)), ident, pack_item(item)
 
 
 def fit_chunk(chunk: Chunk, params: FitParams) -> FittedChunk:
@@ -175,29 +189,31 @@ class BucketCount(beam.PTransform):
 
 # --- ordered chunks ------------------------------------------------------------------------------------
 
-def chunk_bucket(element, chunk_size: int, counts: Dict[Tuple[str, int], int]) -> Iterator[Chunk]:
-    (split, bucket), items = element
-    ordered = sorted(items, key=lambda item: item.item_id)
-    offset = sum(n for (s, b), n in counts.items() if s == split and b < bucket)
-    for index, start in enumerate(range(0, len(ordered), chunk_size)):
-        yield Chunk(split, bucket, index, offset + start, tuple(ordered[start:start + chunk_size]))
+DONE = "done"  # tagged output of ChunkMerger: the recorded pieces of chunks finished by an earlier run
 
 
-class OrderedChunks(beam.PTransform):
-    """((split, bucket), LabItem) -> Chunks of at most `chunk_size` items in the seeded order."""
+def chunk_marker(staging: str, split: str, bucket: int, index: int) -> str:
+    return join(staging, "chunks", f"{split}-{bucket:05d}-{index:05d}.json")
 
-    def __init__(self, chunk_size: int):
-        super().__init__()
-        self._chunk_size = chunk_size
 
-    def expand(self, keyed_items):
-        counts = (keyed_items
-                  | "OnePerItem" >> beam.MapTuple(lambda key, _: (key, 1))
-                  | "ItemsPerBucket" >> beam.CombinePerKey(sum)
-                  | "CountsDict" >> beam.combiners.ToDict())
-        return (keyed_items
-                | "GroupBucket" >> beam.GroupByKey()
-                | "SortAndCut" >> beam.FlatMap(chunk_bucket, self._chunk_size, pvalue.AsSingleton(counts)))
+class ChunkMerger:
+    """The merge step of colorize (staging.MergeBuckets): a bucket's sorted items -> Chunks of at most
+    `chunk_size` items; a chunk whose marker exists yields its recorded pieces on DONE instead."""
+
+    def __init__(self, chunk_size: int, staging: str):
+        self._chunk_size, self._staging = chunk_size, staging
+
+    def __call__(self, task, entries) -> Iterator[Any]:
+        split, bucket = SPLITS[task.bucket // MAX_BUCKETS], task.bucket % MAX_BUCKETS
+        for index, start in enumerate(range(0, len(entries), self._chunk_size)):
+            marker = chunk_marker(self._staging, split, bucket, index)
+            if FileSystems.exists(marker):
+                with FileSystems.open(marker) as f:
+                    for key, value in json.load(f):
+                        yield pvalue.TaggedOutput(DONE, (tuple(key), tuple(value)))
+                continue
+            items = tuple(unpack_item(k, v) for k, v in entries[start:start + self._chunk_size])
+            yield Chunk(split, bucket, index, task.offset + start, items)
 
 
 # --- records, pieces and files -------------------------------------------------------------------------
@@ -213,6 +229,8 @@ def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_
 
 
 class _WritePiecesFn(beam.DoFn):
+    """A chunk's records -> one piece per output file it touches, then the chunk's marker."""
+
     def __init__(self, staging: str, record_format: str, per_file: int, progress: Optional[str] = None):
         self._staging, self._format, self._per_file = staging, record_format, per_file
         self._progress = ProgressTicker(progress)
@@ -224,22 +242,29 @@ class _WritePiecesFn(beam.DoFn):
         fitted, embeddings = element
         chunk = fitted.chunk
         records = chunk_records(fitted, embeddings, self._format)
+        size = 0 if embeddings is None else int(embeddings.shape[1])
+        pieces = []
         for file_index, start, end in file_spans(chunk.first_rank, len(records), self._per_file):
             path = join(self._staging, piece_name(chunk.split, file_index, chunk.bucket, chunk.index))
             write_atomically(path, b"".join(records[start:end]))
-            yield (chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start)
+            pieces.append(((chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start, size)))
+        write_atomically(chunk_marker(self._staging, chunk.split, chunk.bucket, chunk.index),
+                         json.dumps(pieces).encode("utf-8"))
+        yield from pieces
         self._progress.tick(ok=len(records))
 
 
 class WriteRecordFiles(beam.PTransform):
     """(FittedChunk, embeddings or None) -> `lab_images_K.tfrecord` / `val_lab_images_K.tfrecord` files.
 
-    Emits {"file", "rows", "split"} per file. Pieces go to `staging`, which the caller removes.
+    Emits {"file", "rows", "split", "embedding_size"} per file. Pieces go to `staging`, which the caller
+    removes; `done` holds the pieces of chunks an earlier run finished (ChunkMerger's DONE output).
     """
 
     def __init__(self, output: str, staging: str, record_format: str = "reference", per_file: int = 500,
-                 compression: str = "none", progress: Optional[str] = None):
+                 compression: str = "none", progress: Optional[str] = None, done=None):
         super().__init__()
+        self._done = done
         if compression not in ("none", "gzip"):
             raise ValueError(f"unknown compression {compression!r}; choose none or gzip")
         self._output, self._staging, self._format = output, staging, record_format
@@ -247,17 +272,28 @@ class WriteRecordFiles(beam.PTransform):
         self._progress = progress
 
     def expand(self, chunks_with_embeddings):
-        output, compression = self._output, self._compression
+        output, staging, compression = self._output, self._staging, self._compression
 
         def write_file(element) -> dict:
             (split, file_index), pieces = element
-            ordered = sorted(pieces)
             name = record_file_name(split, file_index)
-            concat_files(join(output, name), [p[2] for p in ordered], compression)
-            return {"file": name, "rows": sum(p[3] for p in ordered), "split": split}
+            marker = join(staging, "files", name + ".json")
+            if FileSystems.exists(marker) and FileSystems.exists(join(output, name)):
+                with FileSystems.open(marker) as f:
+                    return json.load(f)
+            ordered = sorted(tuple(p) for p in pieces)
+            concat_files(join(output, name), [p[2] for p in ordered], compression, move_single=False)
+            sizes = {p[4] for p in ordered}
+            done = {"file": name, "rows": sum(p[3] for p in ordered), "split": split,
+                    "embedding_size": max(sizes) or None}
+            write_atomically(marker, json.dumps(done).encode("utf-8"))
+            delete_existing([p[2] for p in ordered])
+            return done
 
-        return (chunks_with_embeddings
-                | "WritePieces" >> beam.ParDo(_WritePiecesFn(self._staging, self._format, self._per_file,
-                                                             self._progress))
+        written = chunks_with_embeddings | "WritePieces" >> beam.ParDo(
+            _WritePiecesFn(self._staging, self._format, self._per_file, self._progress))
+        pieces = (written, self._done) | "AllPieces" >> beam.Flatten() if self._done is not None else written
+        return (pieces
+                | "KeyByFile" >> beam.MapTuple(lambda key, piece: (tuple(key), tuple(piece)))
                 | "GroupPiecesByFile" >> beam.GroupByKey()
                 | "ConcatPieces" >> beam.Map(write_file))
