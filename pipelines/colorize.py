@@ -31,7 +31,7 @@ from imagebeam.transforms.lab_records import RECORD_FORMATS
 from imagebeam.transforms.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
                                               LabEntryFn, WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.progress import ReportTotal
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, summary_table
 from imagebeam.transforms.resize import FIT_MODES
 from imagebeam.transforms.inputs import IndexAllInputs, StageFromIndex
 
@@ -103,7 +103,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     _ = indexed.estimates | "ProgressTotal" >> ReportTotal(progress)
     params = FitParams(args.mode, args.max_pixels, args.exif_transpose)
     summaries, stage_failures = p | "StageImages" >> StageFromIndex(
-        indexed, staging, LabEntryFn(args.seed, args.val_fraction, params), args.fingerprint, [n_buckets],
+        indexed, staging, LabEntryFn(args.seed, args.val_fraction, params), getattr(args, "fingerprint", ""), [n_buckets],
         fetch_config)
     merged = summaries | "MergeChunks" >> stage.MergeBuckets(
         staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False, tags=[DONE])
@@ -127,10 +127,15 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     n_read = units | "ReadCount" >> beam.Map(lambda c: c["read"])
     sizes = (files
              | "EmbeddingSizes" >> beam.Map(lambda f: f["embedding_size"] or 0)
-             | "LargestSize" >> beam.CombineGlobally(lambda sizes: max(sizes, default=0) or None))
+             | "LargestSize" >> beam.CombineGlobally(largest_size))
     _ = p | "WriteMetadata" >> WriteMetadata(
         args.output, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args),
-        extra_side={"embedding_size": sizes, "units": units}, cleanup=(staging,))
+        extra_side={"embedding_size": sizes, "run": units}, cleanup=(staging,))
+
+
+def largest_size(sizes) -> int | None:
+    """The embedding size of the records (None: no embedding); a combiner, so it may see its own output."""
+    return max((s or 0 for s in sizes), default=0) or None
 
 
 def job_facts(args: argparse.Namespace) -> dict:

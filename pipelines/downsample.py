@@ -28,7 +28,7 @@ from imagebeam.transforms import staging as stage
 from imagebeam.transforms.batches import BatchMerger, FinalizeBatches, RowEntryFn, pieces_per_batch
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
+from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
 from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.inputs import IndexAllInputs, StageFromIndex
 from imagebeam.transforms.progress import ReportTotal
@@ -97,7 +97,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     rows = RowEntryFn(RowMaker(args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose),
                       args.seed if train else None, BUCKETS_PER_BATCH * args.batches if train else 1)
     summaries, failures = p | "StageRows" >> StageFromIndex(
-        indexed, staging, rows, args.fingerprint, [labels], fetch_config, progress)
+        indexed, staging, rows, getattr(args, "fingerprint", ""), [labels], fetch_config, progress)
 
     batch_dir = staging if train else args.output
     files = summaries | "MergeBatches" >> stage.MergeBuckets(
@@ -111,7 +111,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     classes_written = label_side | "WriteClasses" >> beam.Map(write_classes, args.output)
     _ = p | "WriteMetadata" >> WriteMetadata(
         batch_dir, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args, label_map),
-        extra_side={"label_order": classes_written, "units": units}, cleanup=() if train else (staging,))
+        extra_side={"label_order": classes_written, "run": units}, cleanup=() if train else (staging,))
 
 
 def build_mean(p: beam.Pipeline, args: argparse.Namespace, staged: dict) -> None:

@@ -3,6 +3,7 @@
 Deliberately independent of imagebeam's code: plain pickle.load / np.load, rows reshaped via the
 three colour planes.
 """
+import json
 import pickle
 
 import numpy as np
@@ -31,3 +32,13 @@ def normalise(batch):
     mean = batch["mean"] / np.float32(255)
     x -= mean  # in place, as the seed does: stays float32
     return x, np.asarray(batch["labels"]) - 1
+
+
+def comparable(name: str, data: bytes) -> bytes:
+    """A file's bytes for comparing two runs: metadata.json without its "run" section (what that run
+    reused and staged, which differs between a fresh and a resumed run, or between output folders)."""
+    if name != "metadata.json":
+        return data
+    meta = json.loads(data)
+    meta.pop("run", None)
+    return json.dumps(meta, sort_keys=True).encode()

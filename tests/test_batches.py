@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from imagebeam.transforms import batches
+from imagebeam.transforms import batches, staging
 from imagebeam.transforms.rows import Row
 
 
@@ -18,21 +18,35 @@ def test_imagenet_batch_sizes_from_spec():
 
 
 @pytest.mark.parametrize("n", [0, 3, 10, 57, 1000])
-def test_bucket_pieces_give_exact_batch_sizes_in_key_order(n):
+def test_bucket_pieces_give_exact_batch_sizes_in_key_order(n, tmp_path):
+    """Rows staged in three sorted runs, planned and merged per bucket: exact batch sizes, one permutation."""
     rows = [Row(f"img{i}", "src", 1, bytes([i % 256]) * 3) for i in range(n)]
-    keyed = [batches._bucketed(r, 0, 16) for r in rows]
-    by_bucket = {}
-    for b, packed in keyed:
-        by_bucket.setdefault(b, []).append(packed)
-    counts = {b: len(v) for b, v in by_bucket.items()}
+    runs = [[], [], []]
+    for i, r in enumerate(rows):
+        key = batches.shuffle_key(0, r.name)
+        runs[i % 3].append((batches.bucket_of(key, 16), batches.row_sort_key(key, r), batches.pack_row(key, r)))
+    summaries = []
+    for k, entries in enumerate(runs):
+        path = str(tmp_path / f"run{k}")
+        summaries.append({"run": path, "buckets": staging.write_run(path, entries) if entries else []})
     sizes = [0] * 10
     order = []
-    for b in sorted(by_bucket):
-        for batch, piece in batches.split_bucket(b, sorted(by_bucket[b], key=batches._row_order), counts, 10):
+    for task in staging.plan_buckets(summaries):
+        packed = [payload for _, payload in staging.read_bucket(task)]
+        for batch, piece in batches.split_bucket(task.offset, task.total, packed, 10):
             sizes[batch] += len(piece)
             order += [(batch, batches.unpack_row(p)[0]) for p in piece]
     assert sizes == batches.batch_sizes(n, 10)
-    assert order == sorted(order)  # batches in order, keys ascending: one global permutation
+    assert order == sorted(order) and len(order) == n  # batches in order, keys ascending: one permutation
+
+
+def test_row_sort_key_orders_like_key_then_file_name_path_source():
+    rows = [Row("b/x.JPEG", "s2", 1, b""), Row("a/x.JPEG", "s2", 1, b""), Row("a/x.JPEG", "s1", 1, b""),
+            Row("a/xa.JPEG", "s1", 1, b""), Row("z/w.JPEG", "s1", 1, b"")]
+    key = b"k" * 16
+    by_bytes = sorted(rows, key=lambda r: batches.row_sort_key(key, r))
+    by_tuple = sorted(rows, key=lambda r: (key, r.name.rsplit("/", 1)[-1], r.name, r.source))
+    assert by_bytes == by_tuple
 
 
 def test_packed_rows_round_trip():
@@ -80,10 +94,3 @@ def test_pickle_holds_spec_types():
     assert set(loaded) == {"data", "labels"}
     assert isinstance(loaded["labels"], list) and all(type(v) is int for v in loaded["labels"])
     assert loaded["data"].dtype == np.uint8
-
-
-def test_chunks_round_trip_rows():
-    rows = _rows(5)
-    assert batches.split_chunk(batches.join_chunk(rows)) == rows
-    assert batches.rows_in_chunk(batches.join_chunk(rows)) == 5
-    assert batches.split_chunk(b"") == [] and batches.rows_in_chunk(b"") == 0

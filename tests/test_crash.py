@@ -1,5 +1,7 @@
 """Crash safety: a job killed with SIGKILL at a random point, then re-run, writes what an uninterrupted run
 writes; no partial file is ever visible under a final name."""
+import glob
+import json
 import os
 import random
 import signal
@@ -9,18 +11,21 @@ import time
 
 import pytest
 
+from spec_loader import comparable  # noqa: E402
+
 from imagebeam.transforms.fileutil import TEMP_MARK
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 
 
 def tree(root, skip=("transform_fn",)):
+    """Every file by relative path; metadata.json without its "run" section (what this run reused)."""
     out = {}
     for dirpath, dirnames, names in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip]
         for name in names:
             with open(os.path.join(dirpath, name), "rb") as f:
-                out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
+                out[os.path.relpath(os.path.join(dirpath, name), root)] = comparable(name, f.read())
     return out
 
 
@@ -74,3 +79,49 @@ def test_killed_job_rerun_equals_uninterrupted(job, ilsvrc, workdir):
     assert tree(out) == reference, f"killed after {time.monotonic() - start:.1f} s: outputs differ"
     leftovers = [n for n in os.listdir(out) if n.startswith(".")]
     assert not leftovers, leftovers
+
+
+def many_images_tar(path, n, seed):
+    from imagebeam import sample as sample_lib
+
+    sample_lib.write_tar(path, [(f"c{i % 3}/img_{i:05d}.JPEG", data)
+                                for i, data in enumerate(sample_lib.imagenet_like_jpegs(n, seed=seed))])
+    return path
+
+
+def run_until_units_staged(args, out, timeout=300):
+    """Run the job and SIGKILL its whole process group as soon as a first work unit is staged."""
+    proc = subprocess.Popen([sys.executable, "-m", "imagebeam.cli", *args, "--output", out], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if glob.glob(os.path.join(out, ".staging", "units", "*.json")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    return sorted(glob.glob(os.path.join(out, ".staging", "units", "*.json")))
+
+
+@pytest.mark.parametrize("job", ["downsample", "colorize"])
+def test_rerun_after_kill_redoes_only_unfinished_units(job, tmp_path):
+    """Killed once a first unit is staged: the re-run reuses exactly the units whose markers exist, stages
+    only the others, and writes what an uninterrupted run writes."""
+    tar = many_images_tar(str(tmp_path / "flat.tar"), 1100, seed=5)  # 5 work units of <= 256 members
+    if job == "downsample":
+        args = [job, "--input", tar, "--size", "8", "--batches", "2", "--direct_num_workers", "2"]
+    else:
+        args = [job, "--input", tar, "--embedding", "none", "--examples-per-file", "300", "--direct_num_workers", "2"]
+    clean = str(tmp_path / "clean")
+    run_job([*args, "--output", clean])
+    reference = tree(clean)
+    clean_run = json.loads(open(os.path.join(clean, "metadata.json")).read())["run"]
+    assert clean_run["units"] == 5 and clean_run["units_reused"] == 0
+
+    out = str(tmp_path / "killed")
+    done = run_until_units_staged(args, out)
+    assert done, "no unit was staged before the job ended"
+    run_job([*args, "--output", out])
+    run = json.loads(open(os.path.join(out, "metadata.json")).read())["run"]
+    assert run["units"] == 5 and run["units_reused"] == len(done)  # staged again: only 5 - len(done) units
+    assert tree(out) == reference

@@ -31,8 +31,8 @@ HINT = "type:nvidia-tesla-t4;count:1;install-nvidia-driver"
 IMAGE = "us-central1-docker.pkg.dev/imagebeam-test/imagebeam/imagebeam-dataflow-gpu:2.77.0"
 BUCKET = "gs://imagebeam-test-bucket"
 # Steps of colorize that run on CPU workers: none of them (nor their parts) may ask for a GPU.
-CPU_STEPS = ("ReadInputs", "BucketCount", "CheckDecode", "OrderedChunks", "Letterbox", "WriteRecordFiles",
-             "AllFailures", "WriteFailures", "CountRead", "EmbeddingSize", "WriteMetadata")
+CPU_STEPS = ("IndexInputs", "BucketCount", "StageImages", "MergeChunks", "Letterbox", "WriteRecordFiles",
+             "AllFailures", "WriteFailures", "CountUnits", "EmbeddingSizes", "WriteMetadata")
 SOURCE_DIRS = ("imagebeam", "pipelines", "transforms")  # installed as imagebeam, imagebeam.pipelines, ...transforms
 # Shipped modules that never run on Beam workers and whose imports come from a setup.py extra instead.
 OPTIONAL_MODULES = {
@@ -166,7 +166,7 @@ def test_downsample_translates_for_dataflow_without_accelerators(ilsvrc, no_subm
         assert not any(e.resource_hints for e in proto.components.environments.values())
         assert {docker_image(e) for e in proto.components.environments.values()} == {IMAGE}
         names = {t.unique_name for t in proto.components.transforms.values()}
-        assert {"ReadInputs", "DecodeResize", "Shuffle", "WriteBatches", "WriteMetadata"} <= names
+        assert {"IndexInputs", "StageRows", "MergeBatches", "WriteMetadata"} <= names
 
 
 # --- the package --setup_file ships --------------------------------------------------------------------

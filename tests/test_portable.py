@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from spec_loader import comparable  # noqa: E402
+
 from imagebeam.pipelines import colorize, downsample
 
 pytestmark = pytest.mark.pipeline
@@ -18,7 +20,7 @@ def tree(root, skip=("transform_fn",)):
         for name in names:
             path = os.path.join(dirpath, name)
             with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
+                out[os.path.relpath(path, root)] = comparable(name, f.read())
     return out
 
 
@@ -51,3 +53,10 @@ def test_colorize_portable_equals_local(ilsvrc, workdir):
     meta = colorize.run([*common, "--output", portable, "--runner", "portable"])
     assert meta["counts"]["written"] == len(ilsvrc.val) and meta["embedding_size"] == 1001
     assert_same_outputs(local, portable)
+
+
+@pytest.mark.parametrize("name", ["downsample-train-npz", "downsample-val-pickle", "colorize-val-random"])
+def test_portable_outputs_equal_recorded_digests(name, ilsvrc, workdir):
+    from test_output_digests import check_case
+
+    check_case(name, ilsvrc, os.path.join(workdir, "out"), ["--runner", "portable"])

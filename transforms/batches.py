@@ -200,7 +200,7 @@ def pieces_per_batch(names: Iterable[str], directory: str, batches: int) -> List
 
 
 def read_staged(path: str) -> Dict[str, np.ndarray]:
-    """A staged piece (npz written by WriteBatches) as plain arrays."""
+    """A staged piece (npz written by BatchMerger) as plain arrays."""
     with FileSystems.open(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 

@@ -1,7 +1,7 @@
 """The Inception-ResNet-v2 embedding as a Beam RunInference step over ordered chunks.
 
 The model handler's example is a `Chunk` (up to `--batch-size` consecutive images of one bucket, made by
-`lab_shards.OrderedChunks`) and one model call embeds a whole chunk. Batches are formed upstream on
+`lab_shards.ChunkMerger`) and one model call embeds a whole chunk. Batches are formed upstream on
 purpose: a float result can depend on the batch it was computed in, and a chunk holds the same images
 whatever the runner, bundle sizes or worker count, so the embeddings (and the files) repeat bit for bit.
 

@@ -38,7 +38,6 @@ TRAIN, VAL = "train", "val"
 FILE_PREFIX = {TRAIN: "lab_images", VAL: "val_lab_images"}
 IMAGES_PER_BUCKET = 512   # about 60 MB of ILSVRC JPEGs to sort per bucket
 MAX_BUCKETS = 1 << 14
-FAILURES = "failures"
 SIZE = colour.INCEPTION_SIZE
 
 

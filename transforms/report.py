@@ -117,8 +117,8 @@ def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[
     meta.update(counts=counts, files=files, versions=versions())
     if counts.get("read") != counts["written"] + counts.get("failed", 0):
         raise CountsDontAddUp(f"counts do not add up: {counts}")
-    if cleanup:
-        meta["staging_bytes"] = meta.get("staging_bytes", 0) + bytes_under(cleanup)
+    if cleanup:  # what this run kept on disk, removed now (a resumed run's "run" says what it reused)
+        meta["run"] = dict(meta.get("run") or {}, staging_bytes=bytes_under(cleanup))
     _remove_temporaries(cleanup)
     write_atomically(join(output, "metadata.json"),
                      (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
@@ -164,10 +164,10 @@ def summary_table(title: str, meta: dict, output: str, extra: Dict[str, str] | N
     files = meta.get("files", [])
     shown = ", ".join(f"{f['file']} ({f['rows']})" for f in files[:6]) + (f", … {len(files)} files" if len(files) > 6 else "")
     rows.append(("files", shown or "none"))
-    if "staging_bytes" in meta:
-        units = meta.get("units") or {}
-        resumed = f", {units['units_reused']} of {units['units']} work units reused" if units.get("units_reused") else ""
-        rows.append(("staging", f"{meta['staging_bytes'] / 1e6:.1f} MB on disk at most, removed{resumed}"))
+    run = meta.get("run") or {}
+    if "staging_bytes" in run:
+        resumed = f"; resumed: {run['units_reused']} of {run['units']} work units reused" if run.get("units_reused") else ""
+        rows.append(("staging", f"{run['staging_bytes'] / 1e6:.1f} MB on disk, removed{resumed}"))
     rows += list((extra or {}).items())
     rows.append(("metadata", join(output, "metadata.json")))
     width = max(len(k) for k, _ in rows)

@@ -1,4 +1,4 @@
-"""ImageBlob -> labelled Imagenet32-style rows, failures as a tagged output.
+"""ImageBlob -> labelled Imagenet32-style rows (RowMaker), and the sorted-class label map.
 
 Labelling runs before decoding so an unknown class costs no decode. With no label map given, labels are
 1 + the index of the sorted class keys of everything indexed or listed (failed images included, so a bad file
@@ -6,18 +6,15 @@ never renumbers the classes).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam import pvalue
 
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.labels import LabelError, LabelMap, sorted_class_map
-from imagebeam.transforms.progress import ProgressTicker
 from imagebeam.transforms.resize import fast_draft_size, planar_row, squash
-from imagebeam.transforms.sources import Failure, ImageBlob
+from imagebeam.transforms.sources import ImageBlob
 
-FAILURES = "failures"
 
 
 class Row(NamedTuple):
@@ -52,31 +49,6 @@ class RowMaker:
 ROW_ERRORS = (DecodeError, LabelError)
 
 
-class _DecodeResizeFn(beam.DoFn):
-    """RowMaker as a DoFn; anything wrong becomes a Failure on the `failures` output."""
-
-    def __init__(self, maker: RowMaker, progress: Optional[str] = None):
-        self._progress = ProgressTicker(progress)
-        self._maker = maker
-        self._decoded = beam.metrics.Metrics.counter("imagebeam", "decoded")
-        self._failed = beam.metrics.Metrics.counter("imagebeam", "decode_failed")
-
-    def process(self, blob: ImageBlob, label_map: LabelMap):
-        try:
-            row = self._maker(blob, label_map)
-        except ROW_ERRORS as exc:
-            self._failed.inc()
-            self._progress.tick(failed=1)
-            yield pvalue.TaggedOutput(FAILURES, Failure(blob.source, blob.member, str(exc)))
-            return
-        self._decoded.inc()
-        self._progress.tick(ok=1)
-        yield row
-
-    def finish_bundle(self):
-        self._progress.flush()
-
-
 class LabelMapFromKeys(beam.PTransform):
     """The sorted-class label map (no devkit, no class map) from class keys known before any image is
     read (member tar names, paths, URL list labels), so decoding never waits for the reading."""
@@ -88,20 +60,3 @@ class LabelMapFromKeys(beam.PTransform):
             | "SortedMap" >> beam.combiners.ToList()
             | "BuildMap" >> beam.Map(sorted_class_map)
         )
-
-
-class DecodeToRows(beam.PTransform):
-    """blobs -> (rows, failures), given a LabelMap or a singleton PCollection holding one."""
-
-    def __init__(self, label_map, size: int, algorithm: str = "box", fast_decode: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False, progress: Optional[str] = None):
-        super().__init__()
-        self._label_map = label_map
-        self._fn = _DecodeResizeFn(RowMaker(size, algorithm, fast_decode, max_pixels, exif_transpose), progress)
-
-    def expand(self, blobs):
-        label_map = self._label_map
-        if isinstance(label_map, pvalue.PCollection):
-            label_map = pvalue.AsSingleton(label_map)
-        out = blobs | "DecodeResize" >> beam.ParDo(self._fn, label_map).with_outputs(FAILURES, main="rows")
-        return out.rows, out[FAILURES]

@@ -378,7 +378,8 @@ class MergeBuckets(beam.PTransform):
 
 
 class UnitCounts(beam.PTransform):
-    """Summaries -> singleton {"read", "units", "units_reused"}: the counts that travel to metadata.json."""
+    """Summaries -> singleton {"read", "units", "units_reused"}: `read` for the counts, the rest for the
+    "run" section of metadata.json (how much of the work an earlier, killed run had already done)."""
 
     def expand(self, summaries):
         return summaries | "UnitCounts" >> beam.CombineGlobally(_DictSum())

@@ -1,0 +1,100 @@
+"""transforms/staging.py: sorted runs, the plan from counts alone, unit markers; and a failure found in the
+last stage of a job (the embedding, after the merge) that still lands in failures.jsonl."""
+import json
+import os
+
+import pytest
+
+from imagebeam.transforms import staging
+from imagebeam.transforms.sources import Failure, WorkUnit
+
+
+def test_run_is_sorted_by_bucket_then_key_and_slices_read_back(tmp_path):
+    entries = [(2, b"b", b"x" * 5), (0, b"z", b""), (2, b"a", b"yy"), (0, b"c", b"\0\1"), (7, b"k", b"q")]
+    path = str(tmp_path / "r.run")
+    index = staging.write_run(path, list(entries))
+    assert [row[0] for row in index] == [0, 2, 7] and [row[3] for row in index] == [2, 2, 1]
+    got = {b: staging.read_slice(path, off, n) for b, off, n, _ in index}
+    assert got == {0: [(b"c", b"\0\1"), (b"z", b"")], 2: [(b"a", b"yy"), (b"b", b"x" * 5)], 7: [(b"k", b"q")]}
+
+
+def test_plan_ranks_buckets_within_their_group():
+    summaries = [{"run": "r1", "buckets": [[0, 0, 10, 2], [5, 10, 10, 1], [12, 20, 5, 4]]},
+                 {"run": "r2", "buckets": [[5, 0, 7, 3], [11, 7, 3, 1]]}]
+    tasks = staging.plan_buckets(summaries, group_size=10)
+    assert [(t.bucket, t.count, t.offset, t.total) for t in tasks] == [
+        (0, 2, 0, 6), (5, 4, 2, 6), (11, 1, 0, 5), (12, 4, 1, 5)]
+    assert tasks[1].slices == (("r1", 10, 10), ("r2", 0, 7))
+    assert [t.offset for t in staging.plan_buckets(summaries)] == [0, 2, 6, 7]
+
+
+class _Items:
+    """An item_fn: blobs named bad* fail, others become (len(name) % 2, name, data)."""
+
+    def __call__(self, blob, _side=None):
+        if blob.name.startswith("bad"):
+            return Failure(blob.source, blob.member, "bad on purpose")
+        return len(blob.name) % 2, blob.name.encode(), blob.data
+
+
+def test_unit_marker_is_reused_only_with_the_same_params(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.jpg", "bb.jpg", "bad.jpg"):
+        (folder / name).write_bytes(name.encode() * 3)
+    unit = WorkUnit("files", str(folder), members=tuple((n, 0, 0) for n in ("a.jpg", "bad.jpg", "bb.jpg")),
+                    paths=tuple(str(folder / n) for n in ("a.jpg", "bad.jpg", "bb.jpg")))
+    stage = str(tmp_path / "stage")
+    calls = []
+    items = _Items()
+    fn = staging._StageUnitFn(stage, "params-1", lambda blob, *side: calls.append(blob.name) or items(blob), None)
+    first = list(fn.process(unit))
+    summary, failures = first[0], [o.value for o in first[1:]]
+    assert summary["read"] == 3 and summary["unit"] and not summary["reused"]
+    assert failures == [Failure(str(folder / "bad.jpg"), None, "bad on purpose")]
+    assert len(calls) == 3
+    again = list(staging._StageUnitFn(stage, "params-1", lambda *a: pytest.fail("re-read"), None).process(unit))
+    assert again[0]["reused"] and again[0]["buckets"] == summary["buckets"]
+    assert [o.value for o in again[1:]] == failures
+    list(staging._StageUnitFn(stage, "params-2", lambda blob, *side: calls.append(blob.name) or items(blob),
+                              None).process(unit))
+    assert len(calls) == 6  # other params: staged again
+
+
+def test_fingerprint_follows_options_and_input_files(tmp_path):
+    import argparse
+
+    f = tmp_path / "x.tar"
+    f.write_bytes(b"1")
+    a = staging.fingerprint("j", argparse.Namespace(size=8, progress="x"), [str(f)])
+    assert a == staging.fingerprint("j", argparse.Namespace(size=8, progress="y"), [str(f)])
+    assert a != staging.fingerprint("j", argparse.Namespace(size=16, progress="x"), [str(f)])
+    f.write_bytes(b"12")
+    assert a != staging.fingerprint("j", argparse.Namespace(size=8, progress="x"), [str(f)])
+
+
+@pytest.mark.pipeline
+def test_embedding_failure_in_the_last_stage_is_a_counted_failure(ilsvrc, workdir, monkeypatch):
+    """A model call that raises for one chunk: its images go to failures.jsonl, the counts add up, and the
+    other records are written as before."""
+    from imagebeam.pipelines import colorize
+    from imagebeam.transforms import embedding
+
+    victim = sorted(ilsvrc.val)[0]
+    real = embedding.InceptionChunkHandler.run_inference
+
+    def flaky(self, batch, model, inference_args=None):
+        if any(item.name == victim for fitted in batch for item in fitted.chunk.items):
+            raise RuntimeError("device lost")
+        return real(self, batch, model, inference_args)
+
+    monkeypatch.setattr(embedding.InceptionChunkHandler, "run_inference", flaky)
+    out = os.path.join(workdir, "out")
+    meta = colorize.run(["--input", ilsvrc.val_tar, "--inception-weights", "random", "--batch-size", "4",
+                         "--examples-per-file", "5", "--output", out, "--direct_running_mode", "in_memory"])
+    with open(os.path.join(out, "failures.jsonl")) as f:
+        failed = [json.loads(line) for line in f]
+    assert len(failed) == 4 and all("embedding failed: RuntimeError: device lost" in r["reason"] for r in failed)
+    assert victim in {r["member"] for r in failed}
+    c = meta["counts"]
+    assert c == {"read": len(ilsvrc.val), "written": len(ilsvrc.val) - 4, "failed": 4}
