@@ -126,7 +126,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     units = summaries | "CountUnits" >> stage.UnitCounts()
     n_read = units | "ReadCount" >> beam.Map(lambda c: c["read"])
     sizes = (files
-             | "EmbeddingSizes" >> beam.Map(lambda f: f["embedding_size"] or 0)
+             | "EmbeddingSizes" >> beam.Map(lambda f: f["embedding_size"])
              | "LargestSize" >> beam.CombineGlobally(largest_size))
     _ = p | "WriteMetadata" >> WriteMetadata(
         args.output, counts={"read": n_read, "failed": n_failed}, files=files, extra=job_facts(args),
@@ -134,8 +134,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
 
 
 def largest_size(sizes) -> int | None:
-    """The embedding size of the records (None: no embedding); a combiner, so it may see its own output."""
-    return max((s or 0 for s in sizes), default=0) or None
+    """The embedding size of the records (0: no embedding, None: no records); a combiner, so it may see
+    its own outputs."""
+    return max((s for s in sizes if s is not None), default=None)
 
 
 def job_facts(args: argparse.Namespace) -> dict:

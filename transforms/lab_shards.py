@@ -284,7 +284,7 @@ class WriteRecordFiles(beam.PTransform):
             concat_files(join(output, name), [p[2] for p in ordered], compression, move_single=False)
             sizes = {p[4] for p in ordered}
             done = {"file": name, "rows": sum(p[3] for p in ordered), "split": split,
-                    "embedding_size": max(sizes) or None}
+                    "embedding_size": max(sizes)}
             write_atomically(marker, json.dumps(done).encode("utf-8"))
             delete_existing([p[2] for p in ordered])
             return done
