@@ -1,7 +1,7 @@
 """Run every benchmark and print one table: job, ours in images/s per core, the reference method's images/s,
 the ratio, 1->2 worker scaling, peak memory, with the machine it ran on.
 
-Each bench script (bench_downsample, bench_colorize, bench_download, bench_cifar) runs as a subprocess with
+Each bench script (bench_downsample, bench_colorize, bench_download, bench_cifar, bench_memory) runs as a subprocess with
 `--json PATH`; its own print-out streams through as it goes; the table (markdown) comes at the end:
 
     machine: CPU model, cores, RAM, Python, apache-beam
@@ -44,6 +44,8 @@ BENCHES: Dict[str, tuple] = {
                  ["--n", "300", "--latency", "0.1", "--sequential", "30", "--threads", "128"]),
     "cifar": ("bench_cifar.py", ["--n1", "6000", "--n2", "60000", "--repeat", "2"],
               ["--n1", "1200", "--n2", "6000", "--repeat", "1"]),
+    "memory": ("bench_memory.py", ["--n1", "4000", "--colorize-n1", "300"],
+               ["--n1", "200", "--colorize-n1", "20", "--unique", "40", "--no-baseline"]),
 }
 
 COLUMNS = ["job", "ours, images/s per core", "reference, images/s", "ratio", "1→2 workers", "peak RSS MiB",

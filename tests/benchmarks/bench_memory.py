@@ -187,7 +187,24 @@ def main(argv=None) -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    common.write_json(args.json, summary)
+    common.write_json(args.json, bench_all_summary(summary))
+
+
+def bench_all_summary(results: dict) -> dict:
+    """The bench_all.py row: downsample's steady rate against the baseline's, notes with the memory."""
+    d = results.get("downsample") or next(iter(results.values()))
+    ours, base = d["ours"], d["baseline"]
+    notes = "; ".join(
+        f"{job}: peak {fmt_gib(r['ours']['peak1'])} -> {fmt_gib(r['ours']['peak2'])} at "
+        f"{r['ours']['n1']:,} -> {r['ours']['n2']:,} ({r['ours']['growth_pct']:+.1f}%, baseline "
+        + (f"{fmt_gib(r['baseline']['peak1'])} -> {fmt_gib(r['baseline']['peak2'])}" if r["baseline"] else "not run")
+        + f"), kill at 80% + re-run = {r['resume']['share']:.0%} of a full run"
+        for job, r in results.items())
+    return common.summary("memory", ours=ours["steady_rate"], cores_used=os.cpu_count() or 1,
+                          how="downsample --size 64, default runner, steady state; reference: the code before",
+                          reference_rate=(base["steady_rate"] / (os.cpu_count() or 1)) if base and base["steady_rate"] else None,
+                          reference="the code before the staging redesign", scaling=None,
+                          peak_rss=max(r["ours"]["peak2"] for r in results.values()), notes=notes, results=results)
 
 
 if __name__ == "__main__":
