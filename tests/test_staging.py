@@ -71,6 +71,12 @@ def test_fingerprint_follows_options_and_input_files(tmp_path):
     assert a != staging.fingerprint("j", argparse.Namespace(size=16, progress="x"), [str(f)])
     f.write_bytes(b"12")
     assert a != staging.fingerprint("j", argparse.Namespace(size=8, progress="x"), [str(f)])
+    folder = tmp_path / "photos"
+    (folder / "c").mkdir(parents=True)
+    (folder / "c" / "1.jpg").write_bytes(b"1")
+    b = staging.fingerprint("j", argparse.Namespace(), [str(folder)])
+    (folder / "c" / "2.jpg").write_bytes(b"2")
+    assert b != staging.fingerprint("j", argparse.Namespace(), [str(folder)])  # a file added to a folder
 
 
 @pytest.mark.pipeline

@@ -56,15 +56,13 @@ def fingerprint(job: str, args: Any, inputs: Sequence[str]) -> str:
     facts = {k: v for k, v in sorted(vars(args).items()) if k not in VOLATILE_ARGS}
     stats = []
     for spec in inputs:
-        try:
-            found = FileSystems.match([spec])[0].metadata_list
-        except Exception:  # noqa: BLE001 - a folder or URL list: its files are listed below
-            found = []
-        if not found and not any(c in spec for c in "*?["):
+        patterns = [spec] if any(c in spec for c in "*?[") else [spec, FileSystems.join(spec.rstrip("/"), "**")]
+        found = []
+        for pattern in patterns:  # a file, a glob, or a folder's files
             try:
-                found = FileSystems.match([FileSystems.join(spec.rstrip("/"), "**")])[0].metadata_list
-            except Exception:  # noqa: BLE001
-                found = []
+                found += FileSystems.match([pattern])[0].metadata_list
+            except Exception:  # noqa: BLE001 - matches nothing: nothing to fingerprint
+                pass
         stats.append(sorted((m.path, m.size_in_bytes, getattr(m, "last_updated_in_seconds", 0)) for m in found))
     blob = json.dumps({"job": job, "facts": facts, "inputs": stats}, sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
@@ -165,6 +163,9 @@ class _UnitStager:
                 self._progress.tick(ok=1)
         return read
 
+    def flush(self) -> None:
+        self._progress.flush()
+
 
 class _StageUnitFn(beam.DoFn):
     def __init__(self, staging: str, params: str, item_fn: ItemFn, progress: Optional[str]):
@@ -198,7 +199,7 @@ class _StageUnitFn(beam.DoFn):
             yield pvalue.TaggedOutput(FAILURES, failure_from_json(f))
 
     def finish_bundle(self):
-        self._stager._progress.flush()
+        self._stager.flush()
 
 
 def _load_marker(path: str, params: str) -> Optional[dict]:
@@ -266,7 +267,7 @@ class _StageStreamFn(beam.DoFn):
             tag, value = (FAILURES, out.value) if isinstance(out, pvalue.TaggedOutput) else (None, out)
             windowed = WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
             yield pvalue.TaggedOutput(tag, windowed) if tag else windowed
-        self._stager._progress.flush()
+        self._stager.flush()
 
     def _flush(self):
         if not self._read:
