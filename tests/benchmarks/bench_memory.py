@@ -67,7 +67,13 @@ def baseline_env(rev: str, work: str) -> Optional[dict]:
 
 def run(job: str, tar: str, out: str, env: Optional[dict] = None) -> common.Measurement:
     shutil.rmtree(out, ignore_errors=True)
-    return common.run_measured([sys.executable, "-m", "imagebeam.cli", *job_args(job, tar, out)], env=env)
+    return common.run_measured(imagebeam_cmd(job, tar, out), env=env)
+
+
+def imagebeam_cmd(job: str, tar: str, out: str) -> List[str]:
+    """`python -P -m imagebeam.cli ...`: -P keeps the current folder (a checkout's own imagebeam/) off
+    sys.path, so the baseline's PYTHONPATH, or the installed package, is what runs."""
+    return [sys.executable, "-P", "-m", "imagebeam.cli", *job_args(job, tar, out)]
 
 
 def files_digest(out: str) -> str:
@@ -86,8 +92,7 @@ def files_digest(out: str) -> str:
 def kill_and_resume(job: str, tar: str, out: str, full_wall: float, at: float = 0.8) -> dict:
     """SIGKILL the whole process group at `at` x the full run's wall time, then re-run to the end."""
     shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.Popen([sys.executable, "-m", "imagebeam.cli", *job_args(job, tar, out)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(imagebeam_cmd(job, tar, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     try:
         proc.wait(full_wall * at)
@@ -96,7 +101,7 @@ def kill_and_resume(job: str, tar: str, out: str, full_wall: float, at: float = 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed = True
-    rerun = common.run_measured([sys.executable, "-m", "imagebeam.cli", *job_args(job, tar, out)])
+    rerun = common.run_measured(imagebeam_cmd(job, tar, out))
     with open(os.path.join(out, "metadata.json")) as f:
         meta_run = json.load(f).get("run", {})
     return {"killed": killed, "rerun_wall": rerun.wall, "share": rerun.wall / full_wall,
