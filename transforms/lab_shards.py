@@ -30,6 +30,7 @@ from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_
 from imagebeam.transforms.fileutil import concat_files, delete_existing, join, write_atomically
 from imagebeam.transforms.lab_records import encode_example
 from imagebeam.transforms.progress import ProgressTicker
+from imagebeam.transforms.staging import read_marker
 from imagebeam.transforms.tfrecord import frame_record
 from imagebeam.transforms.resize import fit
 from imagebeam.transforms.sources import Failure, ImageBlob
@@ -205,11 +206,10 @@ class ChunkMerger:
     def __call__(self, task, entries) -> Iterator[Any]:
         split, bucket = SPLITS[task.bucket // MAX_BUCKETS], task.bucket % MAX_BUCKETS
         for index, start in enumerate(range(0, len(entries), self._chunk_size)):
-            marker = chunk_marker(self._staging, split, bucket, index)
-            if FileSystems.exists(marker):
-                with FileSystems.open(marker) as f:
-                    for key, value in json.load(f):
-                        yield pvalue.TaggedOutput(DONE, (tuple(key), tuple(value)))
+            recorded = read_marker(chunk_marker(self._staging, split, bucket, index))
+            if recorded is not None:
+                for key, value in recorded:
+                    yield pvalue.TaggedOutput(DONE, (tuple(key), tuple(value)))
                 continue
             items = tuple(unpack_item(k, v) for k, v in entries[start:start + self._chunk_size])
             yield Chunk(split, bucket, index, task.offset + start, items)
@@ -277,9 +277,9 @@ class WriteRecordFiles(beam.PTransform):
             (split, file_index), pieces = element
             name = record_file_name(split, file_index)
             marker = join(staging, "files", name + ".json")
-            if FileSystems.exists(marker) and FileSystems.exists(join(output, name)):
-                with FileSystems.open(marker) as f:
-                    return json.load(f)
+            recorded = read_marker(marker)
+            if recorded is not None and FileSystems.exists(join(output, name)):
+                return recorded
             ordered = sorted(tuple(p) for p in pieces)
             concat_files(join(output, name), [p[2] for p in ordered], compression, move_single=False)
             sizes = {p[4] for p in ordered}

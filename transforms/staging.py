@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms import fileutil
 from imagebeam.transforms.progress import ProgressTicker
+from imagebeam.transforms.report import read_json
 from imagebeam.transforms.sources import Failure, ImageBlob, Indexed, WorkUnit, read_unit
 
 FAILURES = "failures"
@@ -68,18 +69,24 @@ def fingerprint(job: str, args: Any, inputs: Sequence[str]) -> str:
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def read_marker(path: str) -> Optional[Any]:
+    """A marker's JSON, or None when there is none (or it cannot be read: then its work is redone)."""
+    if not FileSystems.exists(path):
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 def prepare(staging: str, job_fingerprint: str) -> bool:
     """Keep `staging` if an earlier run of this very job left it (True: resuming); else start it afresh."""
     path = fileutil.join(staging, JOB_FILE)
-    if FileSystems.exists(path):
-        try:
-            with FileSystems.open(path) as f:
-                if json.load(f).get("fingerprint") == job_fingerprint:
-                    return True
-        except (OSError, ValueError):
-            pass
+    if (read_marker(path) or {}).get("fingerprint") == job_fingerprint:
+        return True
     fileutil.delete_existing([staging])
     fileutil.write_atomically(path, json.dumps({"fingerprint": job_fingerprint}).encode("utf-8"))
+    return False
     return False
 
 
@@ -203,14 +210,8 @@ class _StageUnitFn(beam.DoFn):
 
 
 def _load_marker(path: str, params: str) -> Optional[dict]:
-    if not FileSystems.exists(path):
-        return None
-    try:
-        with FileSystems.open(path) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if summary.pop("params", None) != params:
+    summary = read_marker(path)
+    if summary is None or summary.pop("params", None) != params:
         return None
     return summary
 
@@ -338,9 +339,9 @@ class _MergeFn(beam.DoFn):
 
     def process(self, task: BucketTask, *side):
         marker = fileutil.join(self._staging, MERGED, f"bucket-{task.bucket:06d}.json")
-        if self._resumable and FileSystems.exists(marker):
-            with FileSystems.open(marker) as f:
-                yield from json.load(f)["outputs"]
+        recorded = read_marker(marker) if self._resumable else None
+        if recorded is not None:
+            yield from recorded["outputs"]
             return
         outputs = []
         for out in self._merge_fn(task, read_bucket(task), *side):
