@@ -36,12 +36,16 @@ setup(
         # tested with 2024.4.2 and 2026.8.0. The ceiling guards the dask.bag graph internals the runner
         # builds on (task tuples in a HighLevelGraph).
         "dask": DASK,
+        # `--embedding-backend jax|torch`: Keras 3 runs the same model on them (transforms/embedding_backends.py).
+        "jax": ["jax>=0.4.30"],
+        "torch": ["torch>=2.4"],
         "test": [
             "scikit-image>=0.22",
             "scikit-learn>=1.3",
             "pytest>=8",
             "pytest-xdist>=3",
             *DASK,  # tests/test_dask.py runs the jobs on a real local dask.distributed cluster
+            "jax>=0.4.30", "torch>=2.4",  # tests/test_backends.py: the same logits on every Keras backend
         ],
     },
     entry_points={"console_scripts": ["imagebeam=imagebeam.cli:main"]},

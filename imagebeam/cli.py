@@ -24,6 +24,8 @@ JOBS = {
     "inspect": ("imagebeam.inspect_outputs:inspect_main",
                 "counts, labels, sizes and format checks of an output (exit 1 on a failed check)"),
     "resize": ("imagebeam.pipelines.resize", "images -> 299x299 letterboxed image files (koalarization's resize)"),
+    "convert-weights": ("imagebeam.convert_weights",
+                        "TF-slim Inception checkpoint -> .npz weights for --embedding-backend jax/torch (needs TF)"),
     "demo": ("imagebeam.pipelines.demo", "build the bundled sample from real photos and run the jobs on it"),
 }
 

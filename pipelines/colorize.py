@@ -20,6 +20,7 @@ import logging
 from typing import Sequence
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions
 
 from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
@@ -27,6 +28,7 @@ from imagebeam.transforms import fileutil, inception
 from imagebeam.transforms import staging as stage
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
+from imagebeam.transforms.embedding_backends import BACKENDS, COMPILE_MODES, check_available
 from imagebeam.transforms.lab_records import RECORD_FORMATS
 from imagebeam.transforms.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
                                               LabEntryFn, WriteRecordFiles, fit_chunk)
@@ -51,12 +53,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default="imagenet",
                    help="imagenet (Keras' published weights, cached by Keras), a Keras weights file "
                         "(.h5/.weights.h5/.keras), the TF-slim checkpoint inception_resnet_v2_2016_08_30.ckpt "
-                        "(1001 logits, as koalarization), or random (untrained: tests and demos only)")
+                        "(1001 logits, as koalarization), its .npz conversion (`imagebeam convert-weights`), or random (untrained: tests and demos only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     p.add_argument("--model-copies", type=int, default=None,
                    help="models per worker machine, shared by its processes (GPU workers); default: one "
                         "per process")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="bfloat16 / mixed_float16: Keras' mixed policies (float32 weights and logits)")
+    p.add_argument("--embedding-backend", choices=BACKENDS, default="tensorflow",
+                   help="Keras backend that runs the model: tensorflow, jax or torch (the same weights and "
+                        "logits on each; jax and torch need `pip install 'imagebeam[jax]'` / `[torch]`)")
+    p.add_argument("--embedding-compile", choices=COMPILE_MODES, default="auto",
+                   help="auto: XLA for jax, torch.compile for torch on a GPU, a graph function for "
+                        "tensorflow; on / off force it (on = XLA jit_compile for tensorflow)")
     p.add_argument("--embedding-accelerator", default=None, metavar="HINT",
                    help="Beam accelerator resource hint for the embedding step only, e.g. "
                         "'type:nvidia-tesla-t4;count:1;install-nvidia-driver': on Dataflow only that step "
@@ -81,7 +90,7 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, runner: str | None = None) -> None:
     network_options.fetch_config(args)
     if args.batch_size < 1 or args.examples_per_file < 1:
         raise SystemExit("--batch-size and --examples-per-file must be at least 1")
@@ -92,6 +101,11 @@ def check_args(args: argparse.Namespace) -> None:
             inception.weights_kind(args.inception_weights)
         except ValueError as exc:
             raise SystemExit(f"--inception-weights: {exc}") from None
+        if job_options.is_local_runner(runner):
+            try:  # remote workers bring their own packages; a local run can be checked here
+                check_available(args.embedding_backend)
+            except ValueError as exc:
+                raise SystemExit(f"--embedding-backend: {exc}") from None
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
@@ -113,7 +127,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     if args.embedding == "none":
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
-        embed = EmbedChunks(args.inception_weights, args.precision, args.model_copies)
+        embed = EmbedChunks(args.inception_weights, args.precision, args.model_copies, args.embedding_backend,
+                            args.embedding_compile)
         if args.embedding_accelerator:
             embed = embed.with_resource_hints(accelerator=args.embedding_accelerator)
         embedded, embed_failures = chunks | "EmbedChunks" >> embed
@@ -157,7 +172,7 @@ def job_facts(args: argparse.Namespace) -> dict:
     else:
         kind = inception.weights_kind(args.inception_weights)
         facts.update(inception_weights=args.inception_weights, weights_kind=kind, precision=args.precision,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, embedding_backend=args.embedding_backend)
         if kind == "random":
             facts["warning"] = ("RANDOM, UNTRAINED Inception weights: the embeddings are meaningless; "
                                 "for tests and demos only")
@@ -173,7 +188,7 @@ def remove_previous_outputs(output: str) -> None:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Run the job and return the metadata it wrote."""
     args, pipeline_options = job_options.parse(make_parser(), argv)
-    check_args(args)
+    check_args(args, pipeline_options.view_as(StandardOptions).runner)
     if args.embedding != "none" and inception.weights_kind(args.inception_weights) == "random":
         _LOG.warning("--inception-weights random: UNTRAINED weights, the embeddings are meaningless "
                      "(tests and demos only); metadata.json says so")

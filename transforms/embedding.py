@@ -5,9 +5,11 @@ The model handler's example is a `Chunk` (up to `--batch-size` consecutive image
 purpose: a float result can depend on the batch it was computed in, and a chunk holds the same images
 whatever the runner, bundle sizes or worker count, so the embeddings (and the files) repeat bit for bit.
 
-TensorFlow is imported only in `load_model`, on the workers: the launching process stays free of it
-(see `pipelines.options.run_pipeline`). The model is loaded once per process (RunInference's shared
-handle), or as `--model-copies` copies shared across the processes of a worker (GPU machines).
+Keras and its backend (`--embedding-backend`: TensorFlow, JAX or PyTorch) are imported only in
+`load_model`, on the workers: the launching process stays free of them (see
+`pipelines.options.run_pipeline`). The model is loaded once per process (RunInference's shared handle),
+or as `--model-copies` copies shared across the processes of a worker (GPU machines). The chunk goes to
+the model as RGB uint8; grey and scaling happen on the device (`embedding_backends`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from imagebeam.transforms import colour
+from imagebeam.transforms.embedding_backends import BACKENDS, Embedder, embedder
 from imagebeam.transforms.lab_shards import FittedChunk
 from imagebeam.transforms.sources import Failure
 
@@ -26,40 +29,26 @@ _LOG = logging.getLogger(__name__)
 PRECISIONS = ("float32", "mixed_float16", "bfloat16")
 
 
-class _Embedder:
-    """A loaded model plus one compiled call (no retracing per batch size)."""
-
-    def __init__(self, model):
-        import tensorflow as tf
-
-        self.model = model
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        return np.asarray(self._call(inputs), dtype=np.float32)
-
-
 class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
     """RunInference handler: FittedChunk -> PredictionResult(chunk, float32 embeddings [len(chunk), E])."""
 
-    def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None):
+    def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None,
+                 backend: str = "tensorflow", compile: str = "auto"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         # One chunk per call: the chunk already is the batch (see the module docstring).
         super().__init__(min_batch_size=1, max_batch_size=1, model_copies=model_copies)
-        self._weights, self._precision = weights, precision
+        self._weights, self._precision, self._backend, self._compile = weights, precision, backend, compile
 
-    def load_model(self) -> _Embedder:
-        from imagebeam.transforms import inception
+    def load_model(self) -> Embedder:
+        return embedder(self._weights, self._precision, self._backend, self._compile)
 
-        inception.configure_gpus()
-        return _Embedder(inception.build_model(self._weights, self._precision))
-
-    def run_inference(self, batch: Sequence[FittedChunk], model: _Embedder,
+    def run_inference(self, batch: Sequence[FittedChunk], model: Embedder,
                       inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
         for fitted in batch:
-            yield PredictionResult(fitted, model(colour.inception_input(colour.grey_uint8(fitted.rgb))),
-                                   self._weights)
+            yield PredictionResult(fitted, model(fitted.rgb), self._weights)
 
     def get_num_bytes(self, batch: Sequence[FittedChunk]) -> int:
         return sum(fitted.rgb.nbytes for fitted in batch)
@@ -69,7 +58,8 @@ class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
 
 
 def embed_direct(model, rgb299: np.ndarray) -> np.ndarray:
-    """The SPEC §3 embedding of RGB 299 images (n, 299, 299, 3) with a Keras model, without Beam."""
+    """The SPEC §3 embedding of RGB 299 images (n, 299, 299, 3) with a Keras model, without Beam: the
+    numpy reference of what `Embedder` computes on the device."""
     grey = colour.grey_uint8(rgb299)
     return np.asarray(model(colour.inception_input(grey), training=False), dtype=np.float32)
 
@@ -85,9 +75,10 @@ class EmbedChunks(beam.PTransform):
     """FittedChunks -> ((fitted chunk, embeddings [n, E]), failures). A chunk whose model call raises becomes
     failures of its images (reason given) and the pipeline goes on."""
 
-    def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None):
+    def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None,
+                 backend: str = "tensorflow", compile: str = "auto"):
         super().__init__()
-        self._handler = InceptionChunkHandler(weights, precision, model_copies)
+        self._handler = InceptionChunkHandler(weights, precision, model_copies, backend, compile)
 
     def expand(self, chunks) -> Tuple[beam.PCollection, beam.PCollection]:
         main, dead = chunks | "RunInference" >> RunInference(self._handler).with_exception_handling()

@@ -34,6 +34,7 @@ IMAGENET = "imagenet"
 RANDOM = "random"
 KIND_KERAS = "keras"
 KIND_SLIM = "slim"
+KIND_NPZ = "npz"  # slim-named float32 arrays: the backend-neutral form of the TF-slim checkpoint
 
 PRECISIONS = ("float32", "mixed_float16", "bfloat16")
 # "bfloat16" runs under Keras' *mixed* bfloat16 policy: bfloat16 compute, float32 variables, so
@@ -79,6 +80,10 @@ def weights_kind(weights: str) -> str:
         "expected 'imagenet', 'random', a Keras weights file (.h5, .weights.h5, .keras) or a TF-slim "
         "checkpoint (e.g. inception_resnet_v2_2016_08_30.ckpt, or a checkpoint prefix with a .index file)"
     )
+    if lower.endswith(".npz"):
+        if _is_remote(weights) or os.path.isfile(weights):
+            return KIND_NPZ
+        raise ValueError(f"--inception-weights {weights!r}: weights file does not exist")
     if _is_remote(weights):
         if lower.endswith(_KERAS_SUFFIXES):
             return KIND_KERAS
@@ -174,12 +179,13 @@ def _local(path: str) -> Iterator[str]:
     import shutil
     import tempfile
 
-    import tensorflow as tf
+    from apache_beam.io.filesystems import FileSystems
 
     folder = tempfile.mkdtemp(prefix="inception_weights_")
     try:
         local = os.path.join(folder, os.path.basename(path.rstrip("/")))
-        tf.io.gfile.copy(path, local)
+        with FileSystems.open(path, compression_type="uncompressed") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
         yield local
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -208,6 +214,9 @@ def embedding_size(weights: str) -> int:
         return EMBEDDING_SIZE_SLIM
     if kind == IMAGENET:
         return EMBEDDING_SIZE_KERAS
+    if kind == KIND_NPZ:
+        with _local(weights) as path:
+            return _check_classes(_npz_classes(path), weights)
     with _local(weights) as path:
         return _keras_file_classes(path)
 
@@ -317,8 +326,11 @@ def build_model(weights: str, precision: str = "float32") -> keras.Model:
 
     `weights` is anything `weights_kind` accepts. `precision` picks the Keras dtype policy the model is
     built under ("bfloat16" means Keras' mixed bfloat16); variables stay float32 and the global policy
-    is restored afterwards.
+    is restored afterwards. Works on any Keras backend: a TF-slim checkpoint is read directly under
+    TensorFlow and through its cached `.npz` conversion under JAX and PyTorch (`neutral_weights`).
     """
+    import keras
+
     kind = weights_kind(weights)
     if precision not in _KERAS_POLICY:
         raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
@@ -326,6 +338,14 @@ def build_model(weights: str, precision: str = "float32") -> keras.Model:
         with _local(weights) as path:
             return _float32_output(_keras_file_model(path, precision))
 
+    if kind == KIND_NPZ:
+        with _local(weights) as path:
+            arrays = _read_npz(path)
+        with _dtype_policy(precision):
+            model = _keras_model(_check_classes(_npz_classes_of(arrays), weights))
+        report = assign_slim_tensors(model, {n: a.shape for n, a in arrays.items()}, arrays.__getitem__, weights)
+        log.info("loaded %d tensors from %s", report["assigned"], weights)
+        return _float32_output(model)
     with _dtype_policy(precision):
         model = _imagenet_model() if kind == IMAGENET else _keras_model(EMBEDDING_SIZE_SLIM)
     if kind == RANDOM:
@@ -334,6 +354,11 @@ def build_model(weights: str, precision: str = "float32") -> keras.Model:
             "Inception-ResNet-v2 has RANDOM weights (--inception-weights random): the embedding "
             "is meaningless and only fit for tests. Use 'imagenet' or the TF-slim checkpoint for real data."
         )
+    elif kind == KIND_SLIM and keras.backend.backend() != "tensorflow":
+        neutral = neutral_weights(weights)
+        arrays = _read_npz(neutral)
+        report = assign_slim_tensors(model, {n: a.shape for n, a in arrays.items()}, arrays.__getitem__, neutral)
+        log.info("loaded %d tensors from %s (converted from %s)", report["assigned"], neutral, weights)
     elif kind == KIND_SLIM:
         report = load_slim_checkpoint(model, weights)
         log.info("loaded %d tensors from %s (skipped: %s)", report["assigned"], weights, report["skipped"])
@@ -606,12 +631,21 @@ def load_slim_checkpoint(model: keras.Model, path: str) -> Dict[str, Any]:
     global_step), and every model variable must be assigned: anything else raises, naming the
     variables, before a single value is assigned. Returns {"assigned", "skipped", "path"}.
     """
-    import numpy as np
     import tensorflow as tf
 
-    targets = slim_variable_map(model)
     reader = tf.train.load_checkpoint(path)
-    shapes = reader.get_variable_to_shape_map()
+    return assign_slim_tensors(model, reader.get_variable_to_shape_map(), reader.get_tensor, path)
+
+
+def assign_slim_tensors(model: keras.Model, shapes: Mapping[str, Sequence[int]], get, path: str) -> Dict[str, Any]:
+    """Assign slim-named tensors (`shapes`: name -> shape, `get(name)` -> array) to `model`, all or nothing.
+
+    The one check for every source (a checkpoint read by TensorFlow, its `.npz` conversion): see
+    `load_slim_checkpoint`.
+    """
+    import numpy as np
+
+    targets = slim_variable_map(model)
     skipped = sorted(n for n in shapes if _is_skipped(n))
     missing = sorted(set(targets) - set(shapes))
     unexpected = sorted(n for n in shapes if n not in targets and not _is_skipped(n))
@@ -629,13 +663,106 @@ def load_slim_checkpoint(model: keras.Model, path: str) -> Dict[str, Any]:
 
     values = {}
     for name, var in targets.items():
-        value = reader.get_tensor(name)
+        value = get(name)
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"{path}: {name} has dtype {value.dtype}, expected a float tensor")
         values[name] = value
     for name, var in targets.items():
         var.assign(values[name].astype(var.dtype, copy=False))
     return {"assigned": len(values), "skipped": skipped, "path": path}
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend-neutral form of a slim checkpoint: JAX and PyTorch workers need no TensorFlow
+
+_LOGITS_BIASES = f"{SLIM_SCOPE}/Logits/Logits/biases"
+NEUTRAL_CACHE_ENV = "IMAGEBEAM_CACHE"
+
+
+def _read_npz(path: str) -> Dict[str, Any]:
+    """All arrays of a `.npz` weights file (no pickles: np.load(allow_pickle=False))."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _npz_classes_of(arrays: Mapping[str, Any]) -> int:
+    if _LOGITS_BIASES not in arrays:
+        raise ValueError(f"no {_LOGITS_BIASES} in these weights: not a converted Inception-ResNet-v2 checkpoint")
+    return int(arrays[_LOGITS_BIASES].shape[0])
+
+
+def _npz_classes(path: str) -> int:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:  # reads the one small array only
+        if _LOGITS_BIASES not in data.files:
+            raise ValueError(f"{path}: no {_LOGITS_BIASES}: not a converted Inception-ResNet-v2 checkpoint")
+        return int(data[_LOGITS_BIASES].shape[0])
+
+
+def convert_slim_checkpoint(checkpoint: str, out: str) -> str:
+    """Write the TF-slim checkpoint's tensors (the known skips left out) as float32 arrays in `out` (.npz).
+
+    Needs TensorFlow to read the checkpoint, once; the result loads on any Keras backend
+    (`--inception-weights out.npz`), checked tensor by tensor like the checkpoint itself.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from imagebeam.transforms.fileutil import write_with
+
+    reader = tf.train.load_checkpoint(checkpoint)
+    arrays = {}
+    for name in sorted(reader.get_variable_to_shape_map()):
+        if _is_skipped(name):
+            continue
+        value = reader.get_tensor(name)
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{checkpoint}: {name} has dtype {value.dtype}, expected a float tensor")
+        arrays[name] = value.astype(np.float32, copy=False)
+    _npz_classes_of(arrays)
+    return write_with(out, lambda f: np.savez(f, **arrays))
+
+
+def _checkpoint_key(checkpoint: str) -> str:
+    """A short hash of the checkpoint's files (names, sizes, modification times): a new file, a new key."""
+    import hashlib
+
+    from apache_beam.io.filesystems import FileSystems
+
+    base = checkpoint[: -len(".index")] if checkpoint.endswith(".index") else checkpoint
+    found = []
+    for pattern in (base, base + ".*"):
+        for match in FileSystems.match([pattern])[0].metadata_list:
+            found.append((os.path.basename(match.path), match.size_in_bytes, getattr(match, "last_updated_in_seconds", 0)))
+    digest = hashlib.sha256(repr((os.path.abspath(base) if not _is_remote(base) else base, sorted(found))).encode())
+    return digest.hexdigest()[:16]
+
+
+def neutral_weights(checkpoint: str, cache_dir: Optional[str] = None) -> str:
+    """The cached `.npz` conversion of a TF-slim checkpoint, made on first use (TensorFlow needed then only).
+
+    Cached under `$IMAGEBEAM_CACHE` (default ~/.cache/imagebeam)/inception/, keyed by the checkpoint's
+    files, so every later run on this machine, on any backend, reuses it.
+    """
+    folder = cache_dir or os.path.join(
+        os.environ.get(NEUTRAL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "imagebeam"), "inception")
+    stem = os.path.basename(checkpoint.rstrip("/")) or "checkpoint"
+    path = os.path.join(folder, f"{stem}-{_checkpoint_key(checkpoint)}.npz")
+    if os.path.isfile(path):
+        return path
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        raise RuntimeError(
+            f"{checkpoint} is a TF-slim checkpoint and TensorFlow, which reads it, is not installed here: convert it "
+            f"once where TensorFlow is (`imagebeam convert-weights {checkpoint} inception.npz`) and pass "
+            "--inception-weights inception.npz")
+    os.makedirs(folder, exist_ok=True)
+    log.info("converting %s to %s (once; reused by later runs)", checkpoint, path)
+    return convert_slim_checkpoint(checkpoint, path)
 
 
 def _write_checkpoint(tensors: Mapping[str, Any], prefix: str) -> str:

@@ -167,17 +167,16 @@ def bench_cpu_side(args, tf) -> dict:
 
 
 def bench_embedding(args) -> dict:
-    from imagebeam.transforms import inception
-    from imagebeam.transforms.embedding import _Embedder
+    from imagebeam.transforms.embedding_backends import embedder
 
-    model = _Embedder(inception.build_model("random"))
+    model = embedder("random")
     jpegs = list(sample_lib.imagenet_like_jpegs(8, seed=1))
-    grey = np.stack([colour.grey_uint8(np.asarray(letterbox(decode_rgb(d)))) for d in jpegs])
+    rgb = np.stack([np.asarray(letterbox(decode_rgb(d))) for d in jpegs])
     print(f"Embedding (Inception-ResNet-v2, float32, this CPU: {os.cpu_count()} cores), {args.embed_images} "
           "images per batch size:")
     base, rates = None, {}
     for bs in (1, 8, 32, 64):
-        batch = colour.inception_input(grey[np.arange(bs) % len(grey)])
+        batch = rgb[np.arange(bs) % len(rgb)]
         model(batch)  # trace + warm up
         calls = max(1, args.embed_images // bs)
         t = time.perf_counter()
