@@ -17,7 +17,7 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -86,8 +86,9 @@ class Embedder:
     """A built Keras model behind one compiled call: RGB uint8 chunk (n, 299, 299, 3) -> float32 logits.
 
     `compile`: "auto" compiles where it pays (JAX always: eager JAX is op by op; PyTorch with
-    `torch.compile` on a GPU only, where its minutes of compilation are repaid; TensorFlow as a graph
-    function, as before), "on" and "off" force it. XLA's `jit_compile` for TensorFlow is "on" only.
+    `torch.compile` on a GPU only, where its compilation is repaid; TensorFlow as a graph function, as
+    before), "on" and "off" force it ("on" means XLA `jit_compile` for TensorFlow).
+    `to_device` / `device_call` / `to_numpy` are the three steps of a call, apart for benchmarks.
     """
 
     def __init__(self, model, compile: str = "auto"):
@@ -99,20 +100,30 @@ class Embedder:
         self.backend = keras.backend.backend()
         self.compiled = False
         tables = tuple(keras.ops.convert_to_tensor(t) for t in input_tables())
-        self._call: Callable[[np.ndarray], np.ndarray] = getattr(self, f"_{self.backend}")(model, tables, compile)
+        self.device_call = getattr(self, f"_{self.backend}")(model, tables, compile)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         if rgb.dtype != np.uint8 or rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"expected RGB uint8 (n, h, w, 3), got {rgb.dtype} {rgb.shape}")
-        return self._call(rgb)
+        return self.to_numpy(self.device_call(self.to_device(rgb)))
+
+    def to_device(self, rgb: np.ndarray):
+        import keras
+
+        return keras.ops.convert_to_tensor(rgb)
+
+    def to_numpy(self, out) -> np.ndarray:
+        """Wait for the device and bring the logits back as float32 numpy."""
+        if self.backend == "torch":
+            return out.float().cpu().numpy()
+        return np.asarray(out, dtype=np.float32)
 
     def _tensorflow(self, model, tables, compile: str):
         import tensorflow as tf
 
         self.compiled = compile == "on"
-        fn = tf.function(lambda rgb: model(device_input(rgb, tables), training=False),
-                         reduce_retracing=True, jit_compile=self.compiled or None)
-        return lambda rgb: np.asarray(fn(tf.constant(rgb)), dtype=np.float32)
+        return tf.function(lambda rgb: model(device_input(rgb, tables), training=False),
+                           reduce_retracing=True, jit_compile=self.compiled or None)
 
     def _jax(self, model, tables, compile: str):
         import jax
@@ -126,10 +137,9 @@ class Embedder:
 
         self.compiled = compile != "off"
         fn = jax.jit(forward) if self.compiled else forward
-        return lambda rgb: np.asarray(fn(trainable, fixed, rgb), dtype=np.float32)
+        return lambda rgb: fn(trainable, fixed, rgb)
 
     def _torch(self, model, tables, compile: str):
-        import keras
         import torch
 
         def forward(rgb):
@@ -141,10 +151,9 @@ class Embedder:
         self.compiled = compile == "on" or (compile == "auto" and on_gpu)
         fn = torch.compile(forward, dynamic=False) if self.compiled else forward
 
-        def call(rgb: np.ndarray) -> np.ndarray:
+        def call(rgb):
             with torch.inference_mode():
-                out = fn(keras.ops.convert_to_tensor(rgb))
-                return out.float().cpu().numpy()
+                return fn(rgb)
 
         return call
 
