@@ -128,7 +128,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
         embed = EmbedChunks(args.inception_weights, args.precision, args.model_copies, args.embedding_backend,
-                            args.embedding_compile)
+                            args.embedding_compile, args.batch_size)
         if args.embedding_accelerator:
             embed = embed.with_resource_hints(accelerator=args.embedding_accelerator)
         embedded, embed_failures = chunks | "EmbedChunks" >> embed

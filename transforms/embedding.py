@@ -33,7 +33,7 @@ class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
     """RunInference handler: FittedChunk -> PredictionResult(chunk, float32 embeddings [len(chunk), E])."""
 
     def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None,
-                 backend: str = "tensorflow", compile: str = "auto"):
+                 backend: str = "tensorflow", compile: str = "auto", batch_size: Optional[int] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
         if backend not in BACKENDS:
@@ -41,9 +41,10 @@ class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
         # One chunk per call: the chunk already is the batch (see the module docstring).
         super().__init__(min_batch_size=1, max_batch_size=1, model_copies=model_copies)
         self._weights, self._precision, self._backend, self._compile = weights, precision, backend, compile
+        self._batch_size = batch_size
 
     def load_model(self) -> Embedder:
-        return embedder(self._weights, self._precision, self._backend, self._compile)
+        return embedder(self._weights, self._precision, self._backend, self._compile, self._batch_size)
 
     def run_inference(self, batch: Sequence[FittedChunk], model: Embedder,
                       inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
@@ -76,9 +77,9 @@ class EmbedChunks(beam.PTransform):
     failures of its images (reason given) and the pipeline goes on."""
 
     def __init__(self, weights: str, precision: str = "float32", model_copies: Optional[int] = None,
-                 backend: str = "tensorflow", compile: str = "auto"):
+                 backend: str = "tensorflow", compile: str = "auto", batch_size: Optional[int] = None):
         super().__init__()
-        self._handler = InceptionChunkHandler(weights, precision, model_copies, backend, compile)
+        self._handler = InceptionChunkHandler(weights, precision, model_copies, backend, compile, batch_size)
 
     def expand(self, chunks) -> Tuple[beam.PCollection, beam.PCollection]:
         main, dead = chunks | "RunInference" >> RunInference(self._handler).with_exception_handling()

@@ -89,9 +89,12 @@ class Embedder:
     `torch.compile` on a GPU only, where its compilation is repaid; TensorFlow as a graph function, as
     before), "on" and "off" force it ("on" means XLA `jit_compile` for TensorFlow).
     `to_device` / `device_call` / `to_numpy` are the three steps of a call, apart for benchmarks.
+    `pad_to`: a compiled JAX/PyTorch call is specialised to its batch shape, so a smaller chunk (the
+    last of a bucket) is padded to this many images and the padding's logits dropped: one compilation
+    per process instead of one per chunk size, and a chunk's logits never depend on what came before.
     """
 
-    def __init__(self, model, compile: str = "auto"):
+    def __init__(self, model, compile: str = "auto", pad_to: Optional[int] = None):
         import keras
 
         if compile not in COMPILE_MODES:
@@ -99,13 +102,17 @@ class Embedder:
         self.model = model
         self.backend = keras.backend.backend()
         self.compiled = False
+        self.pad_to = pad_to if self.backend != "tensorflow" else None
         tables = tuple(keras.ops.convert_to_tensor(t) for t in input_tables())
         self.device_call = getattr(self, f"_{self.backend}")(model, tables, compile)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         if rgb.dtype != np.uint8 or rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"expected RGB uint8 (n, h, w, 3), got {rgb.dtype} {rgb.shape}")
-        return self.to_numpy(self.device_call(self.to_device(rgb)))
+        n = len(rgb)
+        if self.pad_to and n < self.pad_to:
+            rgb = np.concatenate([rgb, np.zeros((self.pad_to - n,) + rgb.shape[1:], np.uint8)])
+        return self.to_numpy(self.device_call(self.to_device(rgb)))[:n]
 
     def to_device(self, rgb: np.ndarray):
         import keras
@@ -159,7 +166,7 @@ class Embedder:
 
 
 def embedder(weights: str, precision: str = "float32", backend: Optional[str] = None,
-             compile: str = "auto") -> Embedder:
+             compile: str = "auto", pad_to: Optional[int] = None) -> Embedder:
     """Select `backend` (None: keep Keras' current one), build the model with `weights`, compile the call."""
     if backend is not None:
         select(backend)
@@ -169,4 +176,4 @@ def embedder(weights: str, precision: str = "float32", backend: Optional[str] = 
 
     if keras.backend.backend() == "tensorflow":
         inception.configure_gpus()
-    return Embedder(inception.build_model(weights, precision), compile)
+    return Embedder(inception.build_model(weights, precision), compile, pad_to)

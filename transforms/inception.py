@@ -173,8 +173,8 @@ def _archive_classes(path: str) -> Optional[int]:
 @contextlib.contextmanager
 def _local(path: str) -> Iterator[str]:
     """`path`, or a temporary local copy of a remote one (gs://...): h5py and zipfile need local files."""
-    if not _is_remote(path):
-        yield path
+    if not _is_remote(path) or path.startswith("file://"):
+        yield path[len("file://"):] if path.startswith("file://") else path
         return
     import shutil
     import tempfile
