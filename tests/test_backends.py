@@ -5,6 +5,7 @@ once per process) through tests/backend_worker.py. The weights are a TF-slim che
 random model whose every BN statistic and bias is randomised too, so a mapping error on any backend
 shows. JAX and PyTorch are the `[jax]` and `[torch]` extras, installed in the test environment.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+
+from inception_weights import randomise_offsets
 
 from imagebeam.transforms import colour, embedding_backends, inception
 
@@ -42,15 +45,7 @@ def weights(tmp_path_factory):
     """A slim checkpoint and its .npz conversion, from a model with randomised BN statistics and biases."""
     folder = tmp_path_factory.mktemp("weights")
     model = inception.build_model("random")
-    rng = np.random.default_rng(7)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.beta.shape[0]
-            layer.beta.assign(rng.normal(0.0, 0.2, n).astype(np.float32))
-            layer.moving_mean.assign(rng.normal(0.0, 0.2, n).astype(np.float32))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype(np.float32))
-        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.use_bias:
-            layer.bias.assign(rng.normal(0.0, 0.1, layer.bias.shape).astype(np.float32))
+    randomise_offsets(model, seed=7)
     ckpt = inception.export_slim_checkpoint(model, str(folder / "slim" / "model.ckpt"))
     npz = inception.convert_slim_checkpoint(ckpt, str(folder / "inception.npz"))
     return {"model": model, "ckpt": ckpt, "npz": npz, "cache": str(folder / "cache")}
@@ -95,8 +90,8 @@ def _worker(backend, weights, rgb, tmp_path, *extra, env=None):
     return np.load(output, allow_pickle=False), info
 
 
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec(b) is None, reason=f"{b} not installed")) for b in ("jax", "torch")]
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(b) is None, reason=f"{b} not installed"))
+            for b in ("jax", "torch")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

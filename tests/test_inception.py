@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inception_weights import randomise_offsets
+
 from imagebeam.transforms import inception
 
 tf = pytest.importorskip("tensorflow")
@@ -128,15 +130,7 @@ def source(photos):
     randomised too, so a checkpoint made from it exposes any BN or bias mapping error."""
     model = inception.build_model("random")
     plain = run(model, photos)
-    rng = np.random.default_rng(1)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.beta.shape[0]
-            layer.beta.assign(rng.normal(0.0, 0.2, n).astype(np.float32))
-            layer.moving_mean.assign(rng.normal(0.0, 0.2, n).astype(np.float32))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype(np.float32))
-        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.use_bias:
-            layer.bias.assign(rng.normal(0.0, 0.1, layer.bias.shape).astype(np.float32))
+    randomise_offsets(model, seed=1)
     tensors = {name: np.array(var.numpy()) for name, var in inception.slim_variable_map(model).items()}
     return {"model": model, "plain": plain, "out": run(model, photos), "tensors": tensors}
 

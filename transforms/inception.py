@@ -173,8 +173,10 @@ def _archive_classes(path: str) -> Optional[int]:
 @contextlib.contextmanager
 def _local(path: str) -> Iterator[str]:
     """`path`, or a temporary local copy of a remote one (gs://...): h5py and zipfile need local files."""
-    if not _is_remote(path) or path.startswith("file://"):
-        yield path[len("file://"):] if path.startswith("file://") else path
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not _is_remote(path):
+        yield path
         return
     import shutil
     import tempfile
@@ -343,7 +345,7 @@ def build_model(weights: str, precision: str = "float32") -> keras.Model:
             arrays = _read_npz(path)
         with _dtype_policy(precision):
             model = _keras_model(_check_classes(_npz_classes_of(arrays), weights))
-        report = assign_slim_tensors(model, {n: a.shape for n, a in arrays.items()}, arrays.__getitem__, weights)
+        report = _assign_arrays(model, arrays, weights)
         log.info("loaded %d tensors from %s", report["assigned"], weights)
         return _float32_output(model)
     with _dtype_policy(precision):
@@ -356,8 +358,7 @@ def build_model(weights: str, precision: str = "float32") -> keras.Model:
         )
     elif kind == KIND_SLIM and keras.backend.backend() != "tensorflow":
         neutral = neutral_weights(weights)
-        arrays = _read_npz(neutral)
-        report = assign_slim_tensors(model, {n: a.shape for n, a in arrays.items()}, arrays.__getitem__, neutral)
+        report = _assign_arrays(model, _read_npz(neutral), neutral)
         log.info("loaded %d tensors from %s (converted from %s)", report["assigned"], neutral, weights)
     elif kind == KIND_SLIM:
         report = load_slim_checkpoint(model, weights)
@@ -687,19 +688,23 @@ def _read_npz(path: str) -> Dict[str, Any]:
         return {name: data[name] for name in data.files}
 
 
-def _npz_classes_of(arrays: Mapping[str, Any]) -> int:
+def _assign_arrays(model: keras.Model, arrays: Mapping[str, Any], path: str) -> Dict[str, Any]:
+    """`assign_slim_tensors` from slim-named arrays in memory (a `.npz` read by `_read_npz`)."""
+    return assign_slim_tensors(model, {n: a.shape for n, a in arrays.items()}, arrays.__getitem__, path)
+
+
+def _npz_classes_of(arrays: Mapping[str, Any], where: str = "these weights") -> int:
+    """Logits size from the slim logits bias: a dict of arrays, or an open np.load (reads that array only)."""
     if _LOGITS_BIASES not in arrays:
-        raise ValueError(f"no {_LOGITS_BIASES} in these weights: not a converted Inception-ResNet-v2 checkpoint")
+        raise ValueError(f"no {_LOGITS_BIASES} in {where}: not a converted Inception-ResNet-v2 checkpoint")
     return int(arrays[_LOGITS_BIASES].shape[0])
 
 
 def _npz_classes(path: str) -> int:
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as data:  # reads the one small array only
-        if _LOGITS_BIASES not in data.files:
-            raise ValueError(f"{path}: no {_LOGITS_BIASES}: not a converted Inception-ResNet-v2 checkpoint")
-        return int(data[_LOGITS_BIASES].shape[0])
+    with np.load(path, allow_pickle=False) as data:
+        return _npz_classes_of(data, path)
 
 
 def convert_slim_checkpoint(checkpoint: str, out: str) -> str:
