@@ -14,6 +14,7 @@ import pytest
 from spec_loader import comparable  # noqa: E402
 
 from imagebeam.transforms.fileutil import TEMP_MARK
+from imagebeam.transforms.stats import TFT_TEMP
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 
@@ -121,7 +122,13 @@ def test_rerun_after_kill_redoes_only_unfinished_units(job, tmp_path):
     out = str(tmp_path / "killed")
     done = run_until_units_staged(args, out)
     assert done, "no unit was staged before the job ended"
+    # What a run killed inside TFT's analysis leaves (downsample train): the re-run must remove it too.
+    if job == "downsample":
+        scratch = os.path.join(out, TFT_TEMP, "tftransform_tmp", "killed")
+        os.makedirs(scratch)
+        open(os.path.join(scratch, "part"), "wb").write(b"x")
     run_job([*args, "--output", out])
     run = json.loads(open(os.path.join(out, "metadata.json")).read())["run"]
     assert run["units"] == 5 and run["units_reused"] == len(done)  # staged again: only 5 - len(done) units
     assert tree(out) == reference
+    assert not [n for n in os.listdir(out) if n.startswith(".")], os.listdir(out)

@@ -11,7 +11,6 @@ checked against exact float64 sums of the same rows, taken in the same read.
 """
 from __future__ import annotations
 
-import uuid
 from typing import Optional
 
 import apache_beam as beam
@@ -20,7 +19,7 @@ from imagebeam.transforms.batches import read_staged
 from imagebeam.transforms.fileutil import join
 
 IMAGE_KEY = "image"
-TFT_TEMP_PREFIX = ".tft-tmp-"
+TFT_TEMP = ".tft-tmp"
 
 
 def make_preprocessing_fn():
@@ -103,8 +102,10 @@ class AnalyzeMean(beam.PTransform):
         super().__init__()
         self._output = output
         self._row_size = 3 * size * size
-        # TFT's scratch space; the job's last step (write_metadata) removes it.
-        self.temp_dir = join(output, f"{TFT_TEMP_PREFIX}{uuid.uuid4().hex}")
+        # TFT's scratch space; the job's last step (write_metadata) removes it. One fixed name per output:
+        # a run after a killed one reuses the folder and removes it at the end (a random name per run left
+        # the killed run's folder behind for good). TFT writes below it in folders of its own per run.
+        self.temp_dir = join(output, TFT_TEMP)
 
     def expand(self, staged_paths):
         import tensorflow_transform.beam as tft_beam
