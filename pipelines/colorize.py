@@ -25,9 +25,9 @@ from apache_beam.options.pipeline_options import StandardOptions
 from imagebeam.pipelines import network_options
 from imagebeam.pipelines import options as job_options
 from imagebeam.transforms import fileutil, inception
+from imagebeam.transforms.inception import PRECISIONS
 from imagebeam.transforms import staging as stage
 from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
-from imagebeam.transforms.embedding import PRECISIONS, EmbedChunks
 from imagebeam.transforms.embedding_backends import BACKENDS, COMPILE_MODES, check_available
 from imagebeam.transforms.lab_records import RECORD_FORMATS
 from imagebeam.transforms.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
@@ -127,6 +127,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     if args.embedding == "none":
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
+        # Imported here: Beam's RunInference module imports PyTorch wherever it is installed (its model
+        # manager), about 0.4 GiB in every process; `--embedding none` workers never need it.
+        from imagebeam.transforms.embedding import EmbedChunks
+
         embed = EmbedChunks(args.inception_weights, args.precision, args.model_copies, args.embedding_backend,
                             args.embedding_compile, args.batch_size)
         if args.embedding_accelerator:

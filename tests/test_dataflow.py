@@ -173,13 +173,19 @@ def test_downsample_translates_for_dataflow_without_accelerators(ilsvrc, no_subm
 
 # --- the package --setup_file ships --------------------------------------------------------------------
 
+LAZY_WORKER_MODULES = ("imagebeam.transforms.embedding",)  # pipelines/colorize.py imports it in build()
+
+
 def worker_modules():
     """{module: is a package} for the imagebeam modules loaded by importing every job's module (in a
-    clean interpreter, so this process stays free of whatever the jobs import)."""
+    clean interpreter, so this process stays free of whatever the jobs import), plus those a job imports
+    only when it builds a step (colorize's embedding)."""
     code = ("import importlib, sys\n"
             "from imagebeam.cli import JOBS\n"
             "for target, _ in JOBS.values():\n"
             "    importlib.import_module(target.partition(':')[0])\n"
+            f"for lazy in {LAZY_WORKER_MODULES!r}:\n"
+            "    importlib.import_module(lazy)\n"
             "for m in sorted(sys.modules):\n"
             "    if m == 'imagebeam' or m.startswith('imagebeam.'):\n"
             "        print(m, int(hasattr(sys.modules[m], '__path__')))\n")

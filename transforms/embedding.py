@@ -22,11 +22,11 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from imagebeam.transforms import colour
 from imagebeam.transforms.embedding_backends import BACKENDS, Embedder, embedder
+from imagebeam.transforms.inception import PRECISIONS
 from imagebeam.transforms.lab_shards import FittedChunk
 from imagebeam.transforms.sources import Failure
 
 _LOG = logging.getLogger(__name__)
-PRECISIONS = ("float32", "mixed_float16", "bfloat16")
 
 
 class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
