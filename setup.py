@@ -1,6 +1,7 @@
 """imagebeam: Apache Beam pipelines that turn raw image collections into training-ready datasets."""
 from setuptools import setup
 
+TRANSFORM_STAGES = ("inputs", "imaging", "formats", "model", "bookkeeping")
 DASK = ["dask[distributed]>=2024.4.2,<2027", "distributed>=2024.4.2,<2027"]
 
 setup(
@@ -11,12 +12,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    # `pipelines/` and `transforms/` sit at the top of the repository (as the design asks) but install
-    # under the `imagebeam` namespace so they never clash with other top-level packages.
-    packages=["imagebeam", "imagebeam.pipelines", "imagebeam.transforms"],
+    # `pipelines/` (one module per job), `transforms/` (the reusable stages, a folder per stage) and
+    # `runners/` (options, the Dask runner) sit at the top of the repository (as the design asks) but
+    # install under the `imagebeam` namespace so they never clash with other top-level packages.
+    packages=["imagebeam", "imagebeam.pipelines", "imagebeam.runners", "imagebeam.transforms",
+              *(f"imagebeam.transforms.{stage}" for stage in TRANSFORM_STAGES)],
     package_dir={
         "imagebeam": "imagebeam",
         "imagebeam.pipelines": "pipelines",
+        "imagebeam.runners": "runners",
         "imagebeam.transforms": "transforms",
     },
     install_requires=[
@@ -32,11 +36,11 @@ setup(
     extras_require={
         # Real photos for the bundled sample (`imagebeam demo`) and the test fixtures.
         "sample": ["scikit-image>=0.22", "scikit-learn>=1.3"],
-        # `--runner dask` (pipelines/dask_runner.py). The floor is apache-beam 2.77's own `[dask]` extra;
+        # `--runner dask` (runners/dask_runner.py). The floor is apache-beam 2.77's own `[dask]` extra;
         # tested with 2024.4.2 and 2026.8.0. The ceiling guards the dask.bag graph internals the runner
         # builds on (task tuples in a HighLevelGraph).
         "dask": DASK,
-        # `--embedding-backend jax|torch`: Keras 3 runs the same model on them (transforms/embedding_backends.py).
+        # `--embedding-backend jax|torch`: Keras 3 runs the same model on them (transforms/model/embedding_backends.py).
         "jax": ["jax>=0.4.30"],
         "torch": ["torch>=2.4"],
         "test": [

@@ -16,7 +16,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("checkpoint", help="inception_resnet_v2_2016_08_30.ckpt, or a V2 checkpoint prefix")
     p.add_argument("output", help="the .npz to write")
     args = p.parse_args(argv)
-    from imagebeam.transforms import inception
+    from imagebeam.transforms.model import inception
 
     try:
         if inception.weights_kind(args.checkpoint) != inception.KIND_SLIM:

@@ -1,6 +1,6 @@
 """Loaders for training code: Imagenet32/64 batches, CIFAR processed pickles, original CIFAR python files.
 
-Every pickle is read with `imagebeam.transforms.safe_pickle` (plain data and numpy arrays only, never
+Every pickle is read with `imagebeam.transforms.formats.safe_pickle` (plain data and numpy arrays only, never
 code), every file through Beam's `FileSystems` so local paths, gs:// and s3:// all work.
 
 - `load_imagenet_batch`: one `train_data_batch_K` / `val_data` file (pickle or `.npz`, SPEC §2), reshaped
@@ -22,8 +22,8 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms import cifar, safe_pickle
-from imagebeam.transforms.decode import decode_rgb
+from imagebeam.transforms.formats import cifar, safe_pickle
+from imagebeam.transforms.imaging.decode import decode_rgb
 
 __all__ = ["load_imagenet_batch", "load_cifar_processed", "load_cifar_python", "ImageNet"]
 

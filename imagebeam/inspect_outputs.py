@@ -44,9 +44,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from imagebeam import outputs as outputs_lib
-from imagebeam.transforms import colour
-from imagebeam.transforms.example_decode import iter_file_records, parse_example
-from imagebeam.transforms.fileutil import TEMP_MARK
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats.example_decode import iter_file_records, parse_example
+from imagebeam.transforms.bookkeeping.fileutil import TEMP_MARK
 
 __all__ = ["inspect_main", "inspect_output"]
 
@@ -505,7 +505,7 @@ def _inspect_cifar_tfrecord(ins: Inspection) -> None:
 # --- CIFAR pickle ------------------------------------------------------------------------------------------------
 
 def _inspect_cifar_pickle(ins: Inspection) -> None:
-    from imagebeam.transforms import safe_pickle
+    from imagebeam.transforms.formats import safe_pickle
 
     out, meta = ins.out, ins.out.meta or {}
     found_rows: Dict[str, Optional[int]] = {}

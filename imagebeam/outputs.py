@@ -29,9 +29,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from imagebeam.transforms import colour, safe_pickle
-from imagebeam.transforms.example_decode import Feature
-from imagebeam.transforms.report import natural_key
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats import safe_pickle
+from imagebeam.transforms.formats.example_decode import Feature
+from imagebeam.transforms.bookkeeping.report import natural_key
 
 KINDS = ("batches", "lab_records", "cifar_pickle", "cifar_tfrecord", "download", "images")
 PREVIEW_NAME = "preview.png"

@@ -54,8 +54,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from imagebeam import outputs as outputs_lib
-from imagebeam.transforms import colour
-from imagebeam.transforms.example_decode import iter_file_records, parse_example
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats.example_decode import iter_file_records, parse_example
 
 __all__ = ["preview_main", "make_preview", "layout", "Layout", "TileBox", "Sample", "Preview", "lab_to_rgb",
            "l_to_grey", "upscale"]
@@ -313,7 +313,7 @@ def _cifar_tfrecord_samples(out: outputs_lib.Output, n: int, seed: int) -> Tuple
 
 
 def _decode_file(path: str) -> Image.Image:
-    from imagebeam.transforms.decode import decode_rgb
+    from imagebeam.transforms.imaging.decode import decode_rgb
 
     with open(path, "rb") as f:
         return decode_rgb(f.read())
@@ -465,7 +465,7 @@ def preview_main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError, KeyError) as exc:
         print(f"imagebeam preview: {exc}", file=sys.stderr)
         return 1
-    from imagebeam.transforms.fileutil import write_atomically
+    from imagebeam.transforms.bookkeeping.fileutil import write_atomically
 
     target = args.png or default_png(preview.output)
     write_atomically(target, preview.png)

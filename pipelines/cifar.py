@@ -26,14 +26,15 @@ import numpy as np
 from apache_beam import pvalue
 from PIL import Image
 
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms import cifar, fileutil, safe_pickle
-from imagebeam.transforms.batches import batch_dict, batch_file_name, batch_sizes, shuffle_key, write_batch
-from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, summary_table
-from imagebeam.transforms.safe_pickle import UnsafePickleError
-from imagebeam.transforms.sources import Failure
-from imagebeam.transforms.tfrecord import bytes_feature, example_bytes, frame_record, int64_feature
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.formats import cifar, safe_pickle
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.formats.batches import batch_dict, batch_file_name, batch_sizes, shuffle_key, write_batch
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.formats.safe_pickle import UnsafePickleError
+from imagebeam.transforms.inputs.sources import Failure
+from imagebeam.transforms.formats.tfrecord import bytes_feature, example_bytes, frame_record, int64_feature
 
 _LOG = logging.getLogger(__name__)
 FORMATS = ("pickle", "tfrecord", "imagenet32")

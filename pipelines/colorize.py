@@ -6,7 +6,7 @@
         -> WriteRecordFiles (224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
     failures of every step -> failures.jsonl; counts + files -> metadata.json (written last)
 
-No image data crosses a runner's shuffle (transforms/staging.py), so memory does not grow with the
+No image data crosses a runner's shuffle (transforms/bookkeeping/staging.py), so memory does not grow with the
 dataset; a killed run started again with the same command skips finished units, chunks and files.
 
 Writes `lab_images_K.tfrecord` (and `val_lab_images_K.tfrecord` with --val-fraction), `--examples-per-file`
@@ -22,20 +22,21 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
-from imagebeam.pipelines import network_options
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms import fileutil, inception
-from imagebeam.transforms.inception import PRECISIONS
-from imagebeam.transforms import staging as stage
-from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
-from imagebeam.transforms.embedding_backends import BACKENDS, COMPILE_MODES, check_available
-from imagebeam.transforms.lab_records import RECORD_FORMATS
-from imagebeam.transforms.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
+from imagebeam.runners import network_options
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.model import inception
+from imagebeam.transforms.model.inception import PRECISIONS
+from imagebeam.transforms.bookkeeping import staging as stage
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
+from imagebeam.transforms.model.embedding_backends import BACKENDS, COMPILE_MODES, check_available
+from imagebeam.transforms.formats.lab_records import RECORD_FORMATS
+from imagebeam.transforms.formats.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
                                               LabEntryFn, WriteRecordFiles, fit_chunk)
-from imagebeam.transforms.progress import ReportTotal
-from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, summary_table
-from imagebeam.transforms.resize import FIT_MODES
-from imagebeam.transforms.inputs import IndexAllInputs, StageFromIndex
+from imagebeam.transforms.bookkeeping.progress import ReportTotal
+from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.imaging.resize import FIT_MODES
+from imagebeam.transforms.inputs.all_inputs import IndexAllInputs, StageFromIndex
 
 _LOG = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -129,7 +130,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     else:
         # Imported here: Beam's RunInference module imports PyTorch wherever it is installed (its model
         # manager), about 0.4 GiB in every process; `--embedding none` workers never need it.
-        from imagebeam.transforms.embedding import EmbedChunks
+        from imagebeam.transforms.model.embedding import EmbedChunks
 
         embed = EmbedChunks(args.inception_weights, args.precision, args.model_copies, args.embedding_backend,
                             args.embedding_compile, args.batch_size)

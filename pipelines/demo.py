@@ -14,7 +14,7 @@ from typing import List, Sequence
 
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import colorize, downsample
-from imagebeam.transforms.report import natural_key
+from imagebeam.transforms.bookkeeping.report import natural_key
 
 
 def make_parser() -> argparse.ArgumentParser:

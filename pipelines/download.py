@@ -22,14 +22,14 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.pipelines import network_options
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms import fileutil
-from imagebeam.transforms.downloads import (JOURNAL, FetchFn, PreviousRecords, WriteManifestPieces,
+from imagebeam.runners import network_options
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.inputs.downloads import (JOURNAL, FetchFn, PreviousRecords, WriteManifestPieces,
                                             downloaded_files, merge_statuses, plan_url, resolve_duplicates)
-from imagebeam.transforms.progress import ReportTotal
-from imagebeam.transforms.report import read_json, versions
-from imagebeam.transforms.url_lists import ReadUrlLists, url_md5
+from imagebeam.transforms.bookkeeping.progress import ReportTotal
+from imagebeam.transforms.bookkeeping.report import read_json, versions
+from imagebeam.transforms.inputs.url_lists import ReadUrlLists, url_md5
 
 _LOG = logging.getLogger(__name__)
 PIECES = ".manifest-pieces"

@@ -9,7 +9,7 @@ Train: seeded global shuffle into `train_data_batch_1..B`; phase 1 writes them t
 folder, phase 2 computes the mean with a TFT analyzer (writing `transform_fn/`), checks it against exact
 sums and writes the final files with it. Val: one `val_data` file in file-name order, in one phase.
 No image data crosses a runner's shuffle: rows are staged on disk in sorted runs and merged
-(transforms/staging.py), so memory does not grow with the dataset, and a killed run started again with
+(transforms/bookkeeping/staging.py), so memory does not grow with the dataset, and a killed run started again with
 the same command skips every finished work unit and merged bucket.
 """
 from __future__ import annotations
@@ -21,19 +21,19 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.pipelines import network_options
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms import fileutil
-from imagebeam.transforms import staging as stage
-from imagebeam.transforms.batches import BatchMerger, FinalizeBatches, RowEntryFn, pieces_per_batch
-from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
-from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
-from imagebeam.transforms.resize import RESAMPLE_FILTERS, SIZES
-from imagebeam.transforms.inputs import IndexAllInputs, StageFromIndex
-from imagebeam.transforms.progress import ReportTotal
-from imagebeam.transforms.rows import LabelMapFromKeys, RowMaker
-from imagebeam.transforms.stats import AnalyzeMean
+from imagebeam.runners import network_options
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.bookkeeping import staging as stage
+from imagebeam.transforms.formats.batches import BatchMerger, FinalizeBatches, RowEntryFn, pieces_per_batch
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
+from imagebeam.transforms.inputs.labels import LabelMap, load_label_map
+from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
+from imagebeam.transforms.imaging.resize import RESAMPLE_FILTERS, SIZES
+from imagebeam.transforms.inputs.all_inputs import IndexAllInputs, StageFromIndex
+from imagebeam.transforms.bookkeeping.progress import ReportTotal
+from imagebeam.transforms.imaging.rows import LabelMapFromKeys, RowMaker
+from imagebeam.transforms.formats.mean_image import AnalyzeMean
 
 _LOG = logging.getLogger(__name__)
 

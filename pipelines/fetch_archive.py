@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 from urllib.parse import urljoin, urlsplit
 
-from imagebeam.transforms import archives
-from imagebeam.transforms.fetch import REDIRECT_CODES, USER_AGENT, Refused, check_url, open_connection
+from imagebeam.transforms.inputs import archives
+from imagebeam.transforms.inputs.fetch import REDIRECT_CODES, USER_AGENT, Refused, check_url, open_connection
 
 try:
     import fcntl

@@ -25,12 +25,12 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms import fileutil
-from imagebeam.transforms.labels import LabelMap, load_label_map
-from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import WriteFailures, WriteMetadata, read_json, summary_table
-from imagebeam.transforms.sources import Failure, ImageBlob, WorkUnit, index_tar, read_unit
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.inputs.labels import LabelMap, load_label_map
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.inputs.sources import Failure, ImageBlob, WorkUnit, index_tar, read_unit
 
 _LOG = logging.getLogger(__name__)
 STATE = ".imagebeam-layout"      # ROOT/.imagebeam-layout/<split>-<unit>.done markers

@@ -21,13 +21,13 @@ import apache_beam as beam
 from apache_beam import pvalue
 from PIL import Image
 
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms import fileutil
-from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
-from imagebeam.transforms.resize import FIT_MODES, fit
-from imagebeam.transforms.sources import Failure, ImageBlob, IndexInputs, ReadImages
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.bookkeeping.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.imaging.resize import FIT_MODES, fit
+from imagebeam.transforms.inputs.sources import Failure, ImageBlob, IndexInputs, ReadImages
 
 _LOG = logging.getLogger(__name__)
 FAILURES = "failures"

@@ -15,7 +15,7 @@ def main(argv):
     backend, weights, inputs, output = argv[:4]
     precision = argv[4] if len(argv) > 4 else "float32"
     compile_mode = argv[5] if len(argv) > 5 else "auto"
-    from imagebeam.transforms.embedding_backends import embedder
+    from imagebeam.transforms.model.embedding_backends import embedder
 
     model = embedder(weights, precision, backend, compile_mode)
     rgb = np.load(inputs, allow_pickle=False)

@@ -17,7 +17,8 @@ from PIL import Image
 
 from inception_weights import randomise_offsets
 
-from imagebeam.transforms import colour, embedding_backends, inception
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.model import embedding_backends, inception
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")

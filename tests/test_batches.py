@@ -5,8 +5,9 @@ import pickle
 import numpy as np
 import pytest
 
-from imagebeam.transforms import batches, staging
-from imagebeam.transforms.rows import Row
+from imagebeam.transforms.formats import batches
+from imagebeam.transforms.bookkeeping import staging
+from imagebeam.transforms.imaging.rows import Row
 
 
 def test_imagenet_batch_sizes_from_spec():

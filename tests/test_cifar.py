@@ -11,7 +11,7 @@ import pytest
 
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import cifar as cifar_job
-from imagebeam.transforms import cifar
+from imagebeam.transforms.formats import cifar
 
 SEED_KERNEL = (-1 / 256.0) * np.array([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, -476, 24, 6],
                                        [4, 16, 24, 16, 4], [1, 4, 6, 4, 1]])

@@ -13,9 +13,9 @@ from skimage import transform as sktransform
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import colorize
 from imagebeam.pipelines import resize as resize_job
-from imagebeam.transforms import lab_records
-from imagebeam.transforms.decode import decode_rgb
-from imagebeam.transforms.resize import letterbox
+from imagebeam.transforms.formats import lab_records
+from imagebeam.transforms.imaging.decode import decode_rgb
+from imagebeam.transforms.imaging.resize import letterbox
 
 pytestmark = pytest.mark.pipeline
 
@@ -82,8 +82,8 @@ def embedded(photo_dir, tmp_path_factory):
 
 
 def test_records_parse_and_match_oracles(embedded, photo_dir):
-    from imagebeam.transforms import inception
-    from imagebeam.transforms.embedding import embed_direct
+    from imagebeam.transforms.model import inception
+    from imagebeam.transforms.model.embedding import embed_direct
 
     out, meta = embedded[0]
     train = _parse_all(out, "lab_images_*.tfrecord", 1001)

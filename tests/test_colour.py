@@ -12,9 +12,10 @@ from skimage import color as skcolor
 from skimage import transform as sktransform
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import colour, lab_records, tfrecord
-from imagebeam.transforms.decode import decode_rgb
-from imagebeam.transforms.resize import center_crop, fit, letterbox, stretch
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats import lab_records, tfrecord
+from imagebeam.transforms.imaging.decode import decode_rgb
+from imagebeam.transforms.imaging.resize import center_crop, fit, letterbox, stretch
 
 
 @pytest.fixture(scope="module")

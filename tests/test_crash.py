@@ -13,8 +13,8 @@ import pytest
 
 from spec_loader import comparable  # noqa: E402
 
-from imagebeam.transforms.fileutil import TEMP_MARK
-from imagebeam.transforms.stats import TFT_TEMP
+from imagebeam.transforms.bookkeeping.fileutil import TEMP_MARK
+from imagebeam.transforms.formats.mean_image import TFT_TEMP
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 

@@ -1,4 +1,4 @@
-"""imagebeam's jobs on Beam's DaskRunner (with imagebeam's fixes, pipelines/dask_runner.py) against a real
+"""imagebeam's jobs on Beam's DaskRunner (with imagebeam's fixes, runners/dask_runner.py) against a real
 dask.distributed cluster - a scheduler and two single-threaded workers on 127.0.0.1, started here as
 processes - give byte-identical files to the local runner, also when a worker is killed mid-job."""
 import json
@@ -22,7 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 
 from imagebeam import sample as sample_lib  # noqa: E402
 from imagebeam.pipelines import colorize, downsample  # noqa: E402
-from imagebeam.pipelines import options as job_options  # noqa: E402
+from imagebeam.runners import options as job_options  # noqa: E402
 
 pytestmark = [pytest.mark.dask, pytest.mark.pipeline]
 

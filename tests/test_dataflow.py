@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from imagebeam.pipelines import colorize, downsample
-from imagebeam.pipelines import options as job_options
+from imagebeam.runners import options as job_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
@@ -33,13 +33,13 @@ BUCKET = "gs://imagebeam-test-bucket"
 # Steps of colorize that run on CPU workers: none of them (nor their parts) may ask for a GPU.
 CPU_STEPS = ("IndexInputs", "BucketCount", "StageImages", "MergeChunks", "Letterbox", "WriteRecordFiles",
              "AllFailures", "WriteFailures", "CountUnits", "EmbeddingSizes", "WriteMetadata")
-SOURCE_DIRS = ("imagebeam", "pipelines", "transforms")  # installed as imagebeam, imagebeam.pipelines, ...transforms
+SOURCE_DIRS = ("imagebeam", "pipelines", "runners", "transforms")  # installed as imagebeam, imagebeam.pipelines, ...
 # Shipped modules that never run on Beam workers and whose imports come from a setup.py extra instead.
 OPTIONAL_MODULES = {
     "imagebeam/sample.py": "sample",       # builds the demo/test photos, locally
-    "pipelines/dask_runner.py": "dask",    # the launcher-side Dask runner (its error says imagebeam[dask])
+    "runners/dask_runner.py": "dask",    # the launcher-side Dask runner (its error says imagebeam[dask])
     # --embedding-backend jax / torch (its error says imagebeam[jax] / imagebeam[torch])
-    "transforms/embedding_backends.py": ("jax", "torch"),
+    "transforms/model/embedding_backends.py": ("jax", "torch"),
 }
 
 
@@ -173,7 +173,7 @@ def test_downsample_translates_for_dataflow_without_accelerators(ilsvrc, no_subm
 
 # --- the package --setup_file ships --------------------------------------------------------------------
 
-LAZY_WORKER_MODULES = ("imagebeam.transforms.embedding",)  # pipelines/colorize.py imports it in build()
+LAZY_WORKER_MODULES = ("imagebeam.transforms.model.embedding",)  # pipelines/colorize.py imports it in build()
 
 
 def worker_modules():
@@ -193,12 +193,22 @@ def worker_modules():
     return {m: bool(int(flag)) for m, flag in (line.split() for line in out.stdout.splitlines())}
 
 
+def source_files():
+    """Every .py file of the shipped source folders (subfolders included), as repository paths."""
+    for src in SOURCE_DIRS:
+        for dirpath, dirnames, names in os.walk(os.path.join(REPO, src)):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for name in sorted(names):
+                if name.endswith(".py"):
+                    yield os.path.relpath(os.path.join(dirpath, name), REPO).replace(os.sep, "/")
+
+
 def source_path(module, is_package):
     """Where a module lives in the repository (= in the sdist): imagebeam.pipelines.colorize ->
     pipelines/colorize.py, imagebeam.transforms -> transforms/__init__.py, imagebeam.cli -> imagebeam/cli.py."""
     parts = module.split(".")[1:]
     base = "imagebeam"
-    if parts and parts[0] in ("pipelines", "transforms"):
+    if parts and parts[0] in ("pipelines", "runners", "transforms"):
         base, parts = parts[0], parts[1:]
     return "/".join([base, *parts, "__init__.py"] if is_package else [base, *parts[:-1], parts[-1] + ".py"])
 
@@ -237,17 +247,15 @@ def test_sdist_holds_every_module_the_workers_import(shipped):
     modules = worker_modules()
     for job in ("colorize", "downsample", "download", "cifar", "resize", "imagenet_layout", "fetch_archive"):
         assert f"imagebeam.pipelines.{job}" in modules
-    assert "imagebeam.transforms.embedding" in modules
+    assert "imagebeam.transforms.model.embedding" in modules
     for module, is_package in modules.items():
         src = source_path(module, is_package)
         assert src in shipped["members"], f"{module}: {src} is not in {shipped['sdist']}"
         dest = installed_path(module, is_package)
         assert os.path.isfile(os.path.join(shipped["site"], dest)), f"{module}: pip did not install {dest}"
     # Every source file, including modules that are only imported lazily on the workers.
-    for src in SOURCE_DIRS:
-        for name in os.listdir(os.path.join(REPO, src)):
-            if name.endswith(".py"):
-                assert f"{src}/{name}" in shipped["members"], f"{src}/{name} is not shipped"
+    for path in source_files():
+        assert path in shipped["members"], f"{path} is not shipped"
     # setup.py reads README.md when the worker builds the package.
     assert {"setup.py", "README.md"} <= shipped["members"]
 
@@ -337,21 +345,17 @@ def test_shipped_package_declares_what_its_code_imports(shipped):
     provided = closure(reqs[None])
     dists = packages_distributions()
     missing = []
-    for src in SOURCE_DIRS:
-        for name in sorted(os.listdir(os.path.join(REPO, src))):
-            if not name.endswith(".py"):
-                continue
-            path = f"{src}/{name}"
-            extras = OPTIONAL_MODULES.get(path, ())
-            extras = (extras,) if isinstance(extras, str) else extras
-            allowed = set(provided)
-            for extra in extras:
-                allowed |= closure(reqs.get(extra, []))
-            extra = " / ".join(extras)
-            for module in sorted(set(third_party_imports(os.path.join(REPO, path)))):
-                found = {_canonical(d) for d in dists.get(module, [])}
-                if not found & allowed:
-                    where = f"install_requires or the '{extra}' extra" if extra else "install_requires"
-                    missing.append(f"{path}: import {module} ({', '.join(sorted(found)) or 'not installed'}) "
-                                   f"is not in {where}")
+    for path in source_files():
+        extras = OPTIONAL_MODULES.get(path, ())
+        extras = (extras,) if isinstance(extras, str) else extras
+        allowed = set(provided)
+        for extra in extras:
+            allowed |= closure(reqs.get(extra, []))
+        extra = " / ".join(extras)
+        for module in sorted(set(third_party_imports(os.path.join(REPO, path)))):
+            found = {_canonical(d) for d in dists.get(module, [])}
+            if not found & allowed:
+                where = f"install_requires or the '{extra}' extra" if extra else "install_requires"
+                missing.append(f"{path}: import {module} ({', '.join(sorted(found)) or 'not installed'}) "
+                               f"is not in {where}")
     assert not missing, "undeclared dependencies of the shipped code: " + "; ".join(missing)

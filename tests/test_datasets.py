@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from imagebeam import datasets
-from imagebeam.transforms import batches
-from imagebeam.transforms.safe_pickle import UnsafePickleError
+from imagebeam.transforms.formats import batches
+from imagebeam.transforms.formats.safe_pickle import UnsafePickleError
 from spec_loader import normalise, to_nhwc
 from test_safe_pickle import py2_dumps
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import decode, resize
+from imagebeam.transforms.imaging import decode, resize
 
 
 def oracle_row(data, size, algorithm=Image.Resampling.BOX):

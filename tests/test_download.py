@@ -16,7 +16,7 @@ import pytest
 from imagebeam import sample as sample_lib
 from imagebeam.http_fixture import PhotoServer
 from imagebeam.pipelines import colorize, download, downsample
-from imagebeam.transforms.url_lists import url_md5
+from imagebeam.transforms.inputs.url_lists import url_md5
 
 pytestmark = pytest.mark.pipeline
 

@@ -10,11 +10,11 @@ import pytest
 
 from imagebeam import sample as sample_lib
 from imagebeam.http_fixture import PhotoServer
-from imagebeam.transforms import fetch as fetch_lib
-from imagebeam.transforms.decode import DecodeError, probe_image
-from imagebeam.transforms.downloads import check_image, download_one, resolve_duplicates
-from imagebeam.transforms.fetch import FetchConfig, Fetcher, refused_address, retry_after_seconds, robots_refusal
-from imagebeam.transforms.url_lists import (UrlEntry, is_url_list, list_format, parse_csv_line, parse_json_line,
+from imagebeam.transforms.inputs import fetch as fetch_lib
+from imagebeam.transforms.imaging.decode import DecodeError, probe_image
+from imagebeam.transforms.inputs.downloads import check_image, download_one, resolve_duplicates
+from imagebeam.transforms.inputs.fetch import FetchConfig, Fetcher, refused_address, retry_after_seconds, robots_refusal
+from imagebeam.transforms.inputs.url_lists import (UrlEntry, is_url_list, list_format, parse_csv_line, parse_json_line,
                                             parse_text_line, url_md5)
 
 FAST = dict(timeout=0.5, retries=2, backoff=0.02, allow_private_networks=True)

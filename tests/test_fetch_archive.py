@@ -10,7 +10,7 @@ import pytest
 from imagebeam.http_fixture import PhotoServer
 from imagebeam.pipelines import fetch_archive
 from imagebeam.pipelines.fetch_archive import Progress, fetch_main, verify_main
-from imagebeam.transforms import archives
+from imagebeam.transforms.inputs import archives
 
 DATA = random.Random(20240501).randbytes(3 << 20)  # 3 MiB, deterministic
 MD5 = hashlib.md5(DATA).hexdigest()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import imagenet_layout
-from imagebeam.transforms.sources import unsafe_member_reason
+from imagebeam.transforms.inputs.sources import unsafe_member_reason
 
 pytestmark = pytest.mark.pipeline
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from inception_weights import randomise_offsets
 
-from imagebeam.transforms import inception
+from imagebeam.transforms.model import inception
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -428,7 +428,7 @@ def test_weights_kind_does_not_import_tensorflow(tmp_path):
     ckpt.write_bytes(b"x")
     code = (
         "import sys\n"
-        "from imagebeam.transforms import inception as m\n"
+        "from imagebeam.transforms.model import inception as m\n"
         f"assert m.weights_kind({str(ckpt)!r}) == 'slim'\n"
         "assert m.embedding_size('random') == 1001 and m.embedding_size('imagenet') == 1000\n"
         "bad = [n for n in ('tensorflow', 'keras') if n in sys.modules]\n"

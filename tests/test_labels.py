@@ -1,7 +1,7 @@
 """Label orders (SPEC §1): devkit meta.mat leaves, map_clsloc.txt, val ground truth, sorted classes."""
 import pytest
 
-from imagebeam.transforms import labels
+from imagebeam.transforms.inputs import labels
 
 
 def test_devkit_leaves_and_val_ground_truth(ilsvrc):

@@ -1,7 +1,7 @@
 """Local runner defaults, and the FnApiRunner mode we refuse."""
 import pytest
 
-from imagebeam.pipelines import options
+from imagebeam.runners import options
 
 
 def test_local_defaults():

@@ -39,7 +39,7 @@ def test_downsample_portable_equals_local(ilsvrc, workdir):
         meta = downsample.run([*common, "--output", portable, "--runner", "portable"])
         assert meta["counts"]["written"] > 0 and (meta["counts"]["failed"] > 0) == (split == "train")  # bad files
         assert_same_outputs(local, portable)
-    from imagebeam.transforms.stats import mean_from_transform_fn
+    from imagebeam.transforms.formats.mean_image import mean_from_transform_fn
     means = [mean_from_transform_fn(os.path.join(workdir, f"train-{kind}"), 3 * 16 * 16)
              for kind in ("local", "portable")]
     assert np.array_equal(means[0], means[1])

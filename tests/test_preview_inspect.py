@@ -19,9 +19,9 @@ from imagebeam import preview as preview_lib
 from imagebeam import sample as sample_lib
 from imagebeam.inspect_outputs import inspect_main, inspect_output
 from imagebeam.preview import make_preview, preview_main
-from imagebeam.transforms import colour
-from imagebeam.transforms.example_decode import ExampleDecodeError, iter_file_records, parse_example
-from imagebeam.transforms.tfrecord import (bytes_feature, example_bytes, float_feature, frame_record,
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats.example_decode import ExampleDecodeError, iter_file_records, parse_example
+from imagebeam.transforms.formats.tfrecord import (bytes_feature, example_bytes, float_feature, frame_record,
                                            int64_feature, iter_records)
 from spec_loader import load_npz, to_nhwc, unpickle
 
@@ -439,7 +439,7 @@ def test_inspect_fails_on_flipped_record_bytes_and_edited_record_metadata(jobs, 
 def test_decoder_agrees_with_tensorflow(jobs):
     """Last in the file: the only test that imports TensorFlow."""
     tf = pytest.importorskip("tensorflow")
-    from imagebeam.transforms import lab_records
+    from imagebeam.transforms.formats import lab_records
 
     path = os.path.join(jobs["lab"], "lab_images_0.tfrecord")
     spec = lab_records.reference_feature_spec(0)

@@ -8,8 +8,8 @@ import pytest
 
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import cifar as cifar_job
-from imagebeam.pipelines import options as job_options
-from imagebeam.transforms.progress import ProgressMonitor, ProgressTicker
+from imagebeam.runners import options as job_options
+from imagebeam.transforms.bookkeeping.progress import ProgressMonitor, ProgressTicker
 
 
 def wait_for(predicate, timeout=5.0):

@@ -1,7 +1,7 @@
 """The table every job prints at the end."""
 import json
 
-from imagebeam.transforms.report import summary_table
+from imagebeam.transforms.bookkeeping.report import summary_table
 
 
 def test_summary_table_lists_counts_files_and_reasons(tmp_path):

@@ -11,8 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from imagebeam.transforms import safe_pickle
-from imagebeam.transforms.safe_pickle import UnsafePickleError
+from imagebeam.transforms.formats import safe_pickle
+from imagebeam.transforms.formats.safe_pickle import UnsafePickleError
 
 
 class _Py2Pickler(pickle._Pickler):

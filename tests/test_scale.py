@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from imagebeam.transforms.batches import batch_sizes
-from imagebeam.transforms.stats import MeanMismatch, checked_mean
+from imagebeam.transforms.formats.batches import batch_sizes
+from imagebeam.transforms.formats.mean_image import MeanMismatch, checked_mean
 from spec_loader import unpickle
 
 N = 100_000

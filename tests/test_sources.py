@@ -4,7 +4,7 @@ import os
 import tarfile
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import sources
+from imagebeam.transforms.inputs import sources
 
 
 def read_all(spec):

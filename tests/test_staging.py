@@ -1,12 +1,12 @@
-"""transforms/staging.py: sorted runs, the plan from counts alone, unit markers; and a failure found in the
+"""transforms/bookkeeping/staging.py: sorted runs, the plan from counts alone, unit markers; and a failure found in the
 last stage of a job (the embedding, after the merge) that still lands in failures.jsonl."""
 import json
 import os
 
 import pytest
 
-from imagebeam.transforms import staging
-from imagebeam.transforms.sources import Failure, WorkUnit
+from imagebeam.transforms.bookkeeping import staging
+from imagebeam.transforms.inputs.sources import Failure, WorkUnit
 
 
 def test_run_is_sorted_by_bucket_then_key_and_slices_read_back(tmp_path):
@@ -84,7 +84,7 @@ def test_embedding_failure_in_the_last_stage_is_a_counted_failure(ilsvrc, workdi
     """A model call that raises for one chunk: its images go to failures.jsonl, the counts add up, and the
     other records are written as before."""
     from imagebeam.pipelines import colorize
-    from imagebeam.transforms import embedding
+    from imagebeam.transforms.model import embedding
 
     victim = sorted(ilsvrc.val)[0]
     real = embedding.InceptionChunkHandler.run_inference

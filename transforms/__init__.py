@@ -1,1 +1,2 @@
-"""Reusable Beam pieces: sources, decode, resize, labels, shuffle, sinks."""
+"""The reusable stages of every job, a folder per stage: inputs, imaging (image maths), formats, model,
+bookkeeping (staging, markers, reports)."""

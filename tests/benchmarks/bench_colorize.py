@@ -40,9 +40,10 @@ import numpy as np
 from PIL import Image
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import colour, lab_records, tfrecord
-from imagebeam.transforms.decode import decode_rgb
-from imagebeam.transforms.resize import letterbox
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats import lab_records, tfrecord
+from imagebeam.transforms.imaging.decode import decode_rgb
+from imagebeam.transforms.imaging.resize import letterbox
 
 
 def reference_letterbox(data: bytes) -> Image.Image:
@@ -167,7 +168,7 @@ def bench_cpu_side(args, tf) -> dict:
 
 
 def bench_embedding(args) -> dict:
-    from imagebeam.transforms.embedding_backends import embedder
+    from imagebeam.transforms.model.embedding_backends import embedder
 
     model = embedder("random")
     jpegs = list(sample_lib.imagenet_like_jpegs(8, seed=1))

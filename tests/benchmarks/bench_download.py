@@ -40,9 +40,9 @@ import common
 from PIL import Image
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms.downloads import download_one
-from imagebeam.transforms.fetch import FetchConfig, Fetcher
-from imagebeam.transforms.url_lists import UrlEntry, url_md5
+from imagebeam.transforms.inputs.downloads import download_one
+from imagebeam.transforms.inputs.fetch import FetchConfig, Fetcher
+from imagebeam.transforms.inputs.url_lists import UrlEntry, url_md5
 
 
 def start_server(root: str, latency: float, workdir: str) -> tuple:

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from imagebeam import sample as sample_lib
-from imagebeam.transforms import decode, resize
+from imagebeam.transforms.imaging import decode, resize
 
 N_CLASSES = 10
 

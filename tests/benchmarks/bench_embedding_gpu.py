@@ -60,8 +60,8 @@ def _installed(name: str) -> bool:
 def _photos_rgb(n: int) -> np.ndarray:
     """n letterboxed 299x299 RGB uint8 images from real-photo JPEGs (as the fit step hands them over)."""
     from imagebeam import sample as sample_lib
-    from imagebeam.transforms.decode import decode_rgb
-    from imagebeam.transforms.resize import letterbox
+    from imagebeam.transforms.imaging.decode import decode_rgb
+    from imagebeam.transforms.imaging.resize import letterbox
 
     unique = [np.asarray(letterbox(decode_rgb(d))) for d in sample_lib.imagenet_like_jpegs(min(n, 32), seed=3)]
     return np.stack([unique[i % len(unique)] for i in range(n)])
@@ -87,8 +87,8 @@ def _time_calls(call, sync, seconds: float, min_calls: int = 3) -> tuple:
 
 
 def _bare(backend: str, args, deadline: float) -> Dict[str, object]:
-    from imagebeam.transforms import inception
-    from imagebeam.transforms.embedding_backends import Embedder
+    from imagebeam.transforms.model import inception
+    from imagebeam.transforms.model.embedding_backends import Embedder
 
     rgb = _photos_rgb(max(args.batches))
     compile_mode = "off" if backend == "torch" else "auto"  # torch.compile is measured apart, at one point
@@ -117,8 +117,8 @@ def _bare(backend: str, args, deadline: float) -> Dict[str, object]:
 
 
 def _torch_compiled(args, deadline: float) -> None:
-    from imagebeam.transforms import inception
-    from imagebeam.transforms.embedding_backends import Embedder
+    from imagebeam.transforms.model import inception
+    from imagebeam.transforms.model.embedding_backends import Embedder
 
     point = {"kind": "bare", "backend": "torch", "precision": args.handler_precision, "batch": args.handler_batch,
              "compiled": True}
@@ -141,7 +141,7 @@ def _handler(backend: str, args, deadline: float, compile_mode: str) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from imagebeam.transforms.embedding import EmbedChunks
+    from imagebeam.transforms.model.embedding import EmbedChunks
 
     batch, chunks = args.handler_batch, args.handler_chunks
     point = {"kind": "handler", "backend": backend, "precision": args.handler_precision, "batch": batch,
@@ -183,7 +183,7 @@ class _MakeChunk(_beam.DoFn):
         self._rgb = np.load(self._path, allow_pickle=False)
 
     def process(self, index: int):
-        from imagebeam.transforms.lab_shards import Chunk, FittedChunk
+        from imagebeam.transforms.formats.lab_shards import Chunk, FittedChunk
 
         # The same array each time: building chunks is the fit step's work, not the handler's.
         yield FittedChunk(Chunk("train", 0, index, index * len(self._rgb), ()), self._rgb)
@@ -204,7 +204,7 @@ class _Stamp(_beam.DoFn):
 
 
 def child(backend: str, args) -> None:
-    from imagebeam.transforms.embedding_backends import select
+    from imagebeam.transforms.model.embedding_backends import select
 
     select(backend)
     deadline = time.perf_counter() + args.budget

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from imagebeam.transforms import colour
-from imagebeam.transforms.tfrecord import bytes_feature, example_bytes, float_feature
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats.tfrecord import bytes_feature, example_bytes, float_feature
 
 RECORD_FORMATS = ("reference", "compact")
 L_VALUES = colour.LAB_SIZE * colour.LAB_SIZE          # 50,176

@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam import coders
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms import fileutil
+from imagebeam.transforms.bookkeeping import fileutil
 
 _FALL11_KEY = re.compile(r"^(n\d{8})_\d+$")
 MAX_URL_CHARS = 4096  # a longer "URL" is garbage; it is recorded cut to this length

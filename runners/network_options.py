@@ -5,8 +5,8 @@ import argparse
 
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS
-from imagebeam.transforms.fetch import USER_AGENT, FetchConfig
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
+from imagebeam.transforms.inputs.fetch import USER_AGENT, FetchConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,10 +31,10 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms import fileutil
-from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.report import read_json
-from imagebeam.transforms.sources import Failure, ImageBlob, Indexed, WorkUnit, read_unit
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.bookkeeping.report import read_json
+from imagebeam.transforms.inputs.sources import Failure, ImageBlob, Indexed, WorkUnit, read_unit
 
 FAILURES = "failures"
 JOB_FILE = "job.json"

@@ -19,7 +19,7 @@ from typing import BinaryIO, Container, Dict, Iterator, List, NamedTuple, Option
 
 import numpy as np
 
-from imagebeam.transforms.tfrecord import _masked_crc
+from imagebeam.transforms.formats.tfrecord import _masked_crc
 
 __all__ = ["ExampleDecodeError", "Feature", "Record", "parse_example", "iter_file_records", "open_records",
            "is_gzip"]

@@ -14,8 +14,8 @@ from typing import Callable, Dict, List
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms.fileutil import delete_existing, join, write_atomically
-from imagebeam.transforms.sources import Failure
+from imagebeam.transforms.bookkeeping.fileutil import delete_existing, join, write_atomically
+from imagebeam.transforms.inputs.sources import Failure
 
 
 def failure_lines(failures: List[Failure]) -> bytes:

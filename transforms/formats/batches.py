@@ -3,7 +3,7 @@
 Determinism: the shuffle is the order of a keyed hash of (seed, image name), so it depends only on the
 set of images and the seed, never on bundle boundaries, worker count or runner. Batch k holds the rows
 of ranks [k*q, (k+1)*q) with q = N // batches, the last batch the remainder. Rows are packed bytes,
-staged to disk in sorted runs (transforms/staging.py) under buckets that partition the key range in
+staged to disk in sorted runs (transforms/bookkeeping/staging.py) under buckets that partition the key range in
 order; a bucket's global ranks follow from the row counts of the buckets before it (known from the runs'
 indexes), so each merged bucket is cut into per-batch pieces without any shuffle of the rows.
 """
@@ -20,10 +20,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms.fileutil import join, write_with
-from imagebeam.transforms.labels import LabelMap
-from imagebeam.transforms.rows import ROW_ERRORS, Row, RowMaker
-from imagebeam.transforms.sources import Failure, ImageBlob
+from imagebeam.transforms.bookkeeping.fileutil import join, write_with
+from imagebeam.transforms.inputs.labels import LabelMap
+from imagebeam.transforms.imaging.rows import ROW_ERRORS, Row, RowMaker
+from imagebeam.transforms.inputs.sources import Failure, ImageBlob
 
 PICKLE_PROTOCOL = 4  # Python 3 readers, objects over 4 GB allowed; the seed's loader is plain pickle.load
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed npz member timestamps: same rows => same bytes

@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 import apache_beam as beam
 
-from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.labels import LabelError, LabelMap, sorted_class_map
-from imagebeam.transforms.resize import fast_draft_size, planar_row, squash
-from imagebeam.transforms.sources import ImageBlob
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from imagebeam.transforms.inputs.labels import LabelError, LabelMap, sorted_class_map
+from imagebeam.transforms.imaging.resize import fast_draft_size, planar_row, squash
+from imagebeam.transforms.inputs.sources import ImageBlob
 
 
 

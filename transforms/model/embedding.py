@@ -20,11 +20,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from imagebeam.transforms import colour
-from imagebeam.transforms.embedding_backends import BACKENDS, Embedder, embedder
-from imagebeam.transforms.inception import PRECISIONS
-from imagebeam.transforms.lab_shards import FittedChunk
-from imagebeam.transforms.sources import Failure
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.model.embedding_backends import BACKENDS, Embedder, embedder
+from imagebeam.transforms.model.inception import PRECISIONS
+from imagebeam.transforms.formats.lab_shards import FittedChunk
+from imagebeam.transforms.inputs.sources import Failure
 
 _LOG = logging.getLogger(__name__)
 

@@ -114,7 +114,7 @@ class SafeUnpickler(pickle.Unpickler):
         why = _REFUSED_WHY.get((module, name), "")
         raise UnsafePickleError(
             f"refused pickle global {module}.{name}: not on the allow list of "
-            f"imagebeam.transforms.safe_pickle (plain containers, collections.OrderedDict, numpy "
+            f"imagebeam.transforms.formats.safe_pickle (plain containers, collections.OrderedDict, numpy "
             f"arrays/scalars/dtypes){why}. The pickle was refused and nothing in it was executed.")
 
     def persistent_load(self, pid: Any) -> Any:

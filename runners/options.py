@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 from apache_beam.options.pipeline_options import PipelineOptions
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
-DASK_RUNNER = "imagebeam.pipelines.dask_runner.DaskRunner"
+DASK_RUNNER = "imagebeam.runners.dask_runner.DaskRunner"
 PORTABLE_RUNNER = "PortableRunner"
 SHORT_RUNNERS = {"local": LOCAL_RUNNER, "fnapi": LOCAL_RUNNER, "dask": DASK_RUNNER, "portable": PORTABLE_RUNNER}
 
@@ -89,7 +89,7 @@ def progress_monitor(job: str, pipeline_options: PipelineOptions):
     """
     from apache_beam.options.pipeline_options import StandardOptions
 
-    from imagebeam.transforms.progress import ProgressMonitor
+    from imagebeam.transforms.bookkeeping.progress import ProgressMonitor
 
     local = is_local_runner(pipeline_options.view_as(StandardOptions).runner) or \
         _is_embedded_portable(pipeline_options)

@@ -3,7 +3,7 @@
 Order and split are functions of the image name only: the place of a record is the order of a keyed
 BLAKE2 hash of (seed, name), and an image goes to the val files when a second keyed hash falls below
 `--val-fraction`. Each work unit decodes its images once to sort failures out and stages their encoded
-bytes (not pixels: less disk) in a sorted run on disk, under key-range buckets (transforms/staging.py);
+bytes (not pixels: less disk) in a sorted run on disk, under key-range buckets (transforms/bookkeeping/staging.py);
 each bucket is merged from the runs and cut into chunks of `--batch-size` consecutive items, which are
 decoded and letterboxed again. A chunk is the unit of the embedding (one model call, the same images in
 it whatever the runner or worker count, so the float results repeat bit for bit) and of writing: its
@@ -24,16 +24,16 @@ import numpy as np
 from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms import colour
-from imagebeam.transforms.batches import bucket_of, shuffle_key
-from imagebeam.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
-from imagebeam.transforms.fileutil import concat_files, delete_existing, join, write_atomically
-from imagebeam.transforms.lab_records import encode_example
-from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.staging import read_marker
-from imagebeam.transforms.tfrecord import frame_record
-from imagebeam.transforms.resize import fit
-from imagebeam.transforms.sources import Failure, ImageBlob
+from imagebeam.transforms.imaging import colour
+from imagebeam.transforms.formats.batches import bucket_of, shuffle_key
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from imagebeam.transforms.bookkeeping.fileutil import concat_files, delete_existing, join, write_atomically
+from imagebeam.transforms.formats.lab_records import encode_example
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.bookkeeping.staging import read_marker
+from imagebeam.transforms.formats.tfrecord import frame_record
+from imagebeam.transforms.imaging.resize import fit
+from imagebeam.transforms.inputs.sources import Failure, ImageBlob
 
 TRAIN, VAL = "train", "val"
 FILE_PREFIX = {TRAIN: "lab_images", VAL: "val_lab_images"}

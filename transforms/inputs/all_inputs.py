@@ -3,7 +3,7 @@
 Two steps. `IndexAllInputs` lists what is there without reading any image: work units of the image
 sources, entries of the URL lists, the class keys (the sorted-class label map) and a per-unit estimate
 of the number of images (to size buckets). Then `StageFromIndex` stages every image in sorted runs on disk
-(transforms/staging.py), for the jobs that order the whole dataset (downsample, colorize).
+(transforms/bookkeeping/staging.py), for the jobs that order the whole dataset (downsample, colorize).
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
-from imagebeam.transforms.downloads import FetchImages
-from imagebeam.transforms.fetch import FetchConfig
-from imagebeam.transforms.sources import IndexInputs, class_keys, estimated_images
-from imagebeam.transforms.staging import ItemFn, StageStream, StageUnits
-from imagebeam.transforms.url_lists import ReadUrlLists, is_url_list
+from imagebeam.transforms.inputs.downloads import FetchImages
+from imagebeam.transforms.inputs.fetch import FetchConfig
+from imagebeam.transforms.inputs.sources import IndexInputs, class_keys, estimated_images
+from imagebeam.transforms.bookkeeping.staging import ItemFn, StageStream, StageUnits
+from imagebeam.transforms.inputs.url_lists import ReadUrlLists, is_url_list
 
 
 class Indexed(NamedTuple):
@@ -65,7 +65,7 @@ class IndexAllInputs(beam.PTransform):
 
 class StageFromIndex(beam.PTransform):
     """`Indexed` (given here; apply to the pipeline) -> (summaries, failures): every image staged in
-    sorted runs (transforms/staging.py).
+    sorted runs (transforms/bookkeeping/staging.py).
 
     Image sources are staged work unit by work unit (a re-run skips finished units); fetched URL-list
     images, which cannot be read again, are staged as they arrive.

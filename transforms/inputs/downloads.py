@@ -29,12 +29,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from imagebeam.transforms.decode import DecodeError, probe_image
-from imagebeam.transforms.fetch import FetchConfig, Fetcher, is_transient
-from imagebeam.transforms.fileutil import delete_existing, join, write_atomically
-from imagebeam.transforms.progress import ProgressTicker
-from imagebeam.transforms.sources import Failure, ImageBlob
-from imagebeam.transforms.url_lists import UrlEntry, url_md5
+from imagebeam.transforms.imaging.decode import DecodeError, probe_image
+from imagebeam.transforms.inputs.fetch import FetchConfig, Fetcher, is_transient
+from imagebeam.transforms.bookkeeping.fileutil import delete_existing, join, write_atomically
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.inputs.sources import Failure, ImageBlob
+from imagebeam.transforms.inputs.url_lists import UrlEntry, url_md5
 
 RECORD_KEYS = ("url", "status", "reason", "bytes", "sha256", "width", "height", "file", "key", "label")
 JOURNAL = ".journal"

@@ -15,8 +15,8 @@ from typing import Optional
 
 import apache_beam as beam
 import numpy as np
-from imagebeam.transforms.batches import read_staged
-from imagebeam.transforms.fileutil import join
+from imagebeam.transforms.formats.batches import read_staged
+from imagebeam.transforms.bookkeeping.fileutil import join
 
 IMAGE_KEY = "image"
 TFT_TEMP = ".tft-tmp"

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from imagebeam.transforms import colour
+from imagebeam.transforms.imaging import colour
 
 _LOG = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def embedder(weights: str, precision: str = "float32", backend: Optional[str] = 
         select(backend)
     import keras
 
-    from imagebeam.transforms import inception
+    from imagebeam.transforms.model import inception
 
     if keras.backend.backend() == "tensorflow":
         inception.configure_gpus()

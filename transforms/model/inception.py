@@ -716,7 +716,7 @@ def convert_slim_checkpoint(checkpoint: str, out: str) -> str:
     import numpy as np
     import tensorflow as tf
 
-    from imagebeam.transforms.fileutil import write_with
+    from imagebeam.transforms.bookkeeping.fileutil import write_with
 
     reader = tf.train.load_checkpoint(checkpoint)
     arrays = {}

@@ -21,7 +21,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms import safe_pickle
+from imagebeam.transforms.formats import safe_pickle
 
 SHARPEN_WEIGHTS = -np.array([[1, 4, 6, 4, 1],
                              [4, 16, 24, 16, 4],

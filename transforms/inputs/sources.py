@@ -17,8 +17,8 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms import fileutil
-from imagebeam.transforms.labels import class_of
+from imagebeam.transforms.bookkeeping import fileutil
+from imagebeam.transforms.inputs.labels import class_of
 
 # A flat tar (or a folder) is cut into units of at most this many members or bytes (one seek, then
 # sequential reads); a unit is also what a restarted job skips when it was finished before.

@@ -1,0 +1,1 @@
+"""Run bookkeeping: staging and merging, markers, failures and metadata, progress, safe writes."""

@@ -1,0 +1,1 @@
+"""Image maths as pure functions: decode, resize, colour, rows."""

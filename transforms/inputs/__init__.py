@@ -1,0 +1,1 @@
+"""Reading inputs: tars, folders, URL lists, archives and label maps."""

@@ -1,0 +1,1 @@
+"""The Inception-ResNet-v2 embedding and its Keras backends."""
