@@ -87,12 +87,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="shuffle buckets per split (default: about one per 512 images)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--exif-transpose", action="store_true")
+    job_options.add_stage_memory_argument(p)
     network_options.add_arguments(p)
     return p
 
 
 def check_args(args: argparse.Namespace, runner: str | None = None) -> None:
     network_options.fetch_config(args)
+    job_options.check_stage_memory(args)
     if args.batch_size < 1 or args.examples_per_file < 1:
         raise SystemExit("--batch-size and --examples-per-file must be at least 1")
     if not 0.0 <= args.val_fraction < 1.0:
@@ -119,7 +121,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     params = FitParams(args.mode, args.max_pixels, args.exif_transpose)
     summaries, stage_failures = p | "StageImages" >> StageFromIndex(
         indexed, staging, LabEntryFn(args.seed, args.val_fraction, params), getattr(args, "fingerprint", ""), [n_buckets],
-        fetch_config)
+        fetch_config, None, args.stage_memory)  # progress is ticked when records are written
     merged = summaries | "MergeChunks" >> stage.MergeBuckets(
         staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False, tags=[DONE])
     chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params)

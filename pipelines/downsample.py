@@ -60,12 +60,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="images declaring more pixels are refused as decompression bombs")
     p.add_argument("--exif-transpose", action="store_true",
                    help="apply EXIF orientation (off by default: the reference resizer ignores it)")
+    job_options.add_stage_memory_argument(p)
     network_options.add_arguments(p)
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
     network_options.fetch_config(args)
+    job_options.check_stage_memory(args)
     if args.batches < 1:
         raise SystemExit("--batches must be at least 1")
     for path in (args.devkit, args.class_map):
@@ -97,7 +99,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     rows = RowEntryFn(RowMaker(args.size, args.algorithm, args.fast_decode, args.max_pixels, args.exif_transpose),
                       args.seed if train else None, BUCKETS_PER_BATCH * args.batches if train else 1)
     summaries, failures = p | "StageRows" >> StageFromIndex(
-        indexed, staging, rows, getattr(args, "fingerprint", ""), [labels], fetch_config, progress)
+        indexed, staging, rows, getattr(args, "fingerprint", ""), [labels], fetch_config, progress,
+        args.stage_memory)
 
     batch_dir = staging if train else args.output
     files = summaries | "MergeBatches" >> stage.MergeBuckets(
@@ -145,8 +148,13 @@ def job_facts(args: argparse.Namespace, label_map) -> dict:
     return facts
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Run the job and return the metadata it wrote."""
+def run(argv: Sequence[str] | None = None, isolate: bool = True) -> dict:
+    """Run the job and return the metadata it wrote.
+
+    `isolate`: run phase 2 (TensorFlow) in a child process, keeping TensorFlow out of the caller, whose
+    later local pipelines it would otherwise force into child processes (options.run_pipeline). The
+    command line does not need it (its process ends with the job) and saves the child's start-up.
+    """
     args, pipeline_options = job_options.parse(make_parser(), argv)
     check_args(args)
     fileutil.ensure_dir(args.output)
@@ -161,14 +169,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
         staged = read_json(phase1_done)
         # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.
         job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
-                                 isolate=True)
+                                 isolate=isolate)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("downsample finished: %s", meta["counts"])
     return meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    meta = run(argv)
+    meta = run(argv, isolate=False)
     args, _ = make_parser().parse_known_args(argv)
     print(summary_table(f"downsample {meta['split']} {meta['size']}x{meta['size']}", meta, args.output))
     return 0

@@ -32,6 +32,22 @@ PORTABLE_RUNNER = "PortableRunner"
 SHORT_RUNNERS = {"local": LOCAL_RUNNER, "fnapi": LOCAL_RUNNER, "dask": DASK_RUNNER, "portable": PORTABLE_RUNNER}
 
 
+def add_stage_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """`--stage-memory MB`, the in-memory budget of the jobs that stage images (downsample, colorize)."""
+    from imagebeam.transforms.bookkeeping.staging import DEFAULT_STAGE_MEMORY_MB
+
+    parser.add_argument(
+        "--stage-memory", type=int, default=DEFAULT_STAGE_MEMORY_MB, metavar="MB",
+        help="staged bytes a worker holds before it writes a sorted run to disk (default "
+             f"{DEFAULT_STAGE_MEMORY_MB}); lower it to fit many workers in little memory. The output does "
+             "not change with it, and a killed run may be resumed with another value")
+
+
+def check_stage_memory(args: argparse.Namespace) -> None:
+    if args.stage_memory < 1:
+        raise SystemExit(f"--stage-memory must be at least 1 (MB), not {args.stage_memory}")
+
+
 def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 

@@ -61,16 +61,52 @@ def test_unit_marker_is_reused_only_with_the_same_params(tmp_path, monkeypatch):
     assert len(calls) == 6  # other params: staged again
 
 
+def test_a_unit_over_the_memory_budget_is_staged_as_several_runs_that_merge_to_the_same_order(tmp_path):
+    """--stage-memory bounds what a worker holds: a 1 MB budget cuts a ~3 MB unit into runs, each sorted,
+    whose merge is entry for entry the merge of the one-run staging (equal keys in input order too)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [f"img{i:03d}.jpg" for i in range(60)] + ["img007.jpg"]  # one name twice: an equal key
+    paths = []
+    for i, name in enumerate(names):
+        path = folder / f"{i}-{name}"
+        path.write_bytes(bytes([i % 251]) * 50_000)
+        paths.append(str(path))
+    unit = WorkUnit("files", str(folder), members=tuple((n, 0, 0) for n in names), paths=tuple(paths))
+    merged = {}
+    for budget in (1, 128):
+        stage = str(tmp_path / f"stage-{budget}")
+        out = list(staging._StageUnitFn(stage, "p", _Items(), None, memory_mb=budget).process(unit))
+        summaries = [o for o in out if isinstance(o, dict)]
+        runs = sorted(f for f in os.listdir(os.path.join(stage, staging.UNITS)) if ".run" in f)
+        if budget == 1:
+            assert len(runs) == len(summaries) >= 3, runs  # ~3 MB in runs of about 1 MB
+            assert all(os.path.getsize(os.path.join(stage, staging.UNITS, r)) < (1 << 20) + 60_000 for r in runs)
+        else:
+            assert len(runs) == len(summaries) == 1
+        # The unit's counts are on its first summary only.
+        assert [s["read"] for s in summaries] == [len(names)] + [0] * (len(summaries) - 1)
+        assert [s["unit"] for s in summaries] == [True] + [False] * (len(summaries) - 1)
+        merged[budget] = [entries for task in staging.plan_buckets(summaries)
+                          for entries in staging.read_bucket(task)]
+        again = list(staging._StageUnitFn(stage, "p", lambda *a: pytest.fail("re-read"), None,
+                                          memory_mb=budget).process(unit))
+        assert [s["buckets"] for s in again] == [s["buckets"] for s in summaries] and again[0]["reused"]
+    assert merged[1] == merged[128] and len(merged[1]) == len(names)
+    twins = [payload for key, payload in merged[1] if key == b"img007.jpg"]
+    assert twins == [bytes([7]) * 50_000, bytes([60]) * 50_000]  # input order
+
+
 def test_fingerprint_follows_options_and_input_files(tmp_path):
     import argparse
 
     f = tmp_path / "x.tar"
     f.write_bytes(b"1")
-    a = staging.fingerprint("j", argparse.Namespace(size=8, progress="x"), [str(f)])
-    assert a == staging.fingerprint("j", argparse.Namespace(size=8, progress="y"), [str(f)])
-    assert a != staging.fingerprint("j", argparse.Namespace(size=16, progress="x"), [str(f)])
+    a = staging.fingerprint("j", argparse.Namespace(size=8, progress="x", stage_memory=128), [str(f)])
+    assert a == staging.fingerprint("j", argparse.Namespace(size=8, progress="y", stage_memory=8), [str(f)])
+    assert a != staging.fingerprint("j", argparse.Namespace(size=16, progress="x", stage_memory=128), [str(f)])
     f.write_bytes(b"12")
-    assert a != staging.fingerprint("j", argparse.Namespace(size=8, progress="x"), [str(f)])
+    assert a != staging.fingerprint("j", argparse.Namespace(size=8, progress="x", stage_memory=128), [str(f)])
     folder = tmp_path / "photos"
     (folder / "c").mkdir(parents=True)
     (folder / "c" / "1.jpg").write_bytes(b"1")

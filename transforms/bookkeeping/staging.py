@@ -10,7 +10,8 @@ No job moves the dataset's bytes through a shuffle that a runner holds in memory
 2. **Plan** (`plan_buckets`): from the summaries alone (counts per bucket, nothing else), every bucket gets
    its slices of every run and its global rank offset within its group (a split).
 3. **Merge** (`MergeBuckets`): a bucket's entries are read from the runs (one contiguous read per run)
-   and merged by key; the job's `merge_fn` writes outputs from them. Memory: one unit while staging, one
+   and merged by key; the job's `merge_fn` writes outputs from them. Memory: at most `--stage-memory`
+   of entries per worker while staging (a larger unit is written as several runs), one
    bucket while merging.
 
 Resume: a unit whose marker exists (written last, with the same job fingerprint) is not read again, and
@@ -39,7 +40,11 @@ from imagebeam.transforms.inputs.sources import Failure, ImageBlob, Indexed, Wor
 FAILURES = "failures"
 JOB_FILE = "job.json"
 UNITS, MERGED = "units", "merged"
-STREAM_RUN_BYTES = 64 << 20  # a bundle of fetched images is flushed to a run file at about this size
+# A worker holds at most about this many bytes of staged entries before it writes them out as a sorted
+# run: a unit larger than that (an ILSVRC member tar of 1,300 JPEGs is ~140 MB) becomes several runs,
+# and a bundle of fetched images is flushed at that size.
+# `--stage-memory` sets it; the merged order is the same whatever it is (runs are merged by key).
+DEFAULT_STAGE_MEMORY_MB = 128
 
 _ENTRY = struct.Struct("<III")  # bucket, key length, payload length; then key, payload
 
@@ -49,7 +54,9 @@ ItemFn = Callable[..., Union[Entry, Failure]]      # (ImageBlob, *side values) -
 
 # --- the staging folder of one job ---------------------------------------------------------------------
 
-VOLATILE_ARGS = ("progress", "fingerprint")
+# Options that do not change what is staged: a re-run with another --stage-memory (say, after a kill for
+# lack of memory) resumes the same staging folder.
+VOLATILE_ARGS = ("progress", "fingerprint", "stage_memory")
 
 
 def fingerprint(job: str, args: Any, inputs: Sequence[str]) -> str:
@@ -150,6 +157,31 @@ def _summary(run: Optional[str], index: List[List[int]], read: int, failures: Li
             "unit": unit, "reused": False}
 
 
+class _BoundedRuns:
+    """A unit's entries, written out as sorted runs of at most `budget` bytes each (a list-like sink
+    for _UnitStager): `base.run`, then `base.run.00001`, ...: names that sort in the order written, so
+    equal keys merge in input order as they would from one run. flush() returns [(path, index)]."""
+
+    def __init__(self, base: str, budget: int):
+        self._base, self._budget = base, budget
+        self._entries: List[Entry] = []
+        self._size = 0
+        self.runs: List[Tuple[str, List[List[int]]]] = []
+
+    def append(self, entry: Entry) -> None:
+        self._entries.append(entry)
+        self._size += _ENTRY.size + len(entry[1]) + len(entry[2])
+        if self._size >= self._budget:
+            self.flush()
+
+    def flush(self) -> List[Tuple[str, List[List[int]]]]:
+        if self._entries:
+            path = f"{self._base}.run" + (f".{len(self.runs):05d}" if self.runs else "")
+            self.runs.append((path, write_run(path, self._entries)))
+            self._entries, self._size = [], 0
+        return self.runs
+
+
 class _UnitStager:
     """Shared by both stagers: item_fn over blobs, failures kept, progress ticks."""
 
@@ -157,7 +189,7 @@ class _UnitStager:
         self._item_fn, self._progress = item_fn, ProgressTicker(progress)
 
     def entries(self, blobs: Iterable[Union[ImageBlob, Failure]], side: tuple,
-                entries: List[Entry], failures: List[Failure]) -> int:
+                entries: Union[List[Entry], _BoundedRuns], failures: List[Failure]) -> int:
         read = 0
         for blob in blobs:
             read += 1
@@ -175,8 +207,9 @@ class _UnitStager:
 
 
 class _StageUnitFn(beam.DoFn):
-    def __init__(self, staging: str, params: str, item_fn: ItemFn, progress: Optional[str]):
-        self._staging, self._params = staging, params
+    def __init__(self, staging: str, params: str, item_fn: ItemFn, progress: Optional[str],
+                 memory_mb: int = DEFAULT_STAGE_MEMORY_MB):
+        self._staging, self._params, self._budget = staging, params, max(1, memory_mb) << 20
         self._stager = _UnitStager(item_fn, progress)
         self._staged = beam.metrics.Metrics.counter("imagebeam", "units_staged")
         self._reused = beam.metrics.Metrics.counter("imagebeam", "units_reused")
@@ -188,25 +221,33 @@ class _StageUnitFn(beam.DoFn):
             return
         name = unit_id(item)
         marker = fileutil.join(self._staging, UNITS, name + ".json")
-        summary = _load_marker(marker, self._params)
-        if summary is not None:
+        recorded = _load_marker(marker, self._params)
+        if recorded is not None:
             self._reused.inc()
-            summary["reused"] = True
+            summaries = _unit_summaries(recorded, reused=True)
         else:
-            entries: List[Entry] = []
+            runs = _BoundedRuns(fileutil.join(self._staging, UNITS, name), self._budget)
             failures: List[Failure] = []
-            read = self._stager.entries(read_unit(item), side, entries, failures)
-            run = fileutil.join(self._staging, UNITS, name + ".run") if entries else None
-            index = write_run(run, entries) if run else []
-            summary = _summary(run, index, read, failures)
-            fileutil.write_atomically(marker, json.dumps(dict(summary, params=self._params)).encode("utf-8"))
+            read = self._stager.entries(read_unit(item), side, runs, failures)
+            recorded = {"runs": runs.flush(), "read": read, "failures": [f.to_json() for f in failures]}
+            fileutil.write_atomically(marker, json.dumps(dict(recorded, params=self._params)).encode("utf-8"))
             self._staged.inc()
-        yield summary
-        for f in summary["failures"]:
+            summaries = _unit_summaries(recorded, reused=False)
+        yield from summaries
+        for f in recorded["failures"]:
             yield pvalue.TaggedOutput(FAILURES, failure_from_json(f))
 
     def finish_bundle(self):
         self._stager.flush()
+
+
+def _unit_summaries(recorded: dict, reused: bool) -> List[dict]:
+    """A unit's marker -> one summary per run; the unit's counts (read, failures, unit, reused) go on the
+    first only, so they are counted once."""
+    runs = recorded["runs"] or [(None, [])]
+    out = [_summary(path, index, 0, [], unit=False) for path, index in runs]
+    out[0].update(read=recorded["read"], failures=recorded["failures"], unit=True, reused=reused)
+    return out
 
 
 def _load_marker(path: str, params: str) -> Optional[dict]:
@@ -225,13 +266,13 @@ class StageUnits(beam.PTransform):
 
     `item_fn(blob, *side)` returns an Entry or a Failure; `side_inputs` are singleton PCollections (or
     plain values) passed to it. `params` (a string) must change whenever entries would: a marker made
-    with other params is not reused.
+    with other params is not reused. `memory_mb`: a worker writes a run whenever it holds this much.
     """
 
     def __init__(self, staging: str, item_fn: ItemFn, params: str, side_inputs: Sequence[Any] = (),
-                 progress: Optional[str] = None):
+                 progress: Optional[str] = None, memory_mb: int = DEFAULT_STAGE_MEMORY_MB):
         super().__init__()
-        self._fn = _StageUnitFn(staging, params, item_fn, progress)
+        self._fn = _StageUnitFn(staging, params, item_fn, progress, memory_mb)
         self._side = list(side_inputs)
 
     def expand(self, indexed):
@@ -242,10 +283,11 @@ class StageUnits(beam.PTransform):
 
 
 class _StageStreamFn(beam.DoFn):
-    """Blobs that cannot be read again (fetched from URL lists) -> runs of about STREAM_RUN_BYTES."""
+    """Blobs that cannot be read again (fetched from URL lists) -> runs of about `memory_mb` each."""
 
-    def __init__(self, staging: str, item_fn: ItemFn, progress: Optional[str]):
-        self._staging = staging
+    def __init__(self, staging: str, item_fn: ItemFn, progress: Optional[str],
+                 memory_mb: int = DEFAULT_STAGE_MEMORY_MB):
+        self._staging, self._budget = staging, max(1, memory_mb) << 20
         self._stager = _UnitStager(item_fn, progress)
 
     def start_bundle(self):
@@ -257,7 +299,7 @@ class _StageStreamFn(beam.DoFn):
         before = len(self._entries)
         self._read += self._stager.entries([blob], side, self._entries, self._failures)
         self._bytes += sum(len(e[2]) for e in self._entries[before:])
-        if self._bytes >= STREAM_RUN_BYTES:
+        if self._bytes >= self._budget:
             yield from self._flush()
 
     def finish_bundle(self):
@@ -285,9 +327,9 @@ class StageStream(beam.PTransform):
     """Blobs and read failures -> (summaries, failures), like StageUnits (runs are not resumable)."""
 
     def __init__(self, staging: str, item_fn: ItemFn, side_inputs: Sequence[Any] = (),
-                 progress: Optional[str] = None):
+                 progress: Optional[str] = None, memory_mb: int = DEFAULT_STAGE_MEMORY_MB):
         super().__init__()
-        self._fn = _StageStreamFn(staging, item_fn, progress)
+        self._fn = _StageStreamFn(staging, item_fn, progress, memory_mb)
         self._side = list(side_inputs)
 
     def expand(self, blobs):

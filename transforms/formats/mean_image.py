@@ -49,12 +49,25 @@ def mean_from_transform_fn(transform_output_dir: str, row_size: int) -> np.ndarr
 SUMS = "sums"
 
 
+# TFT's analysis holds several copies of a record batch (the int64 Arrow column, its tensor, float64
+# casts), so a record batch is bounded in bytes, not only in rows: ~4 MiB of int64 pixels (42 rows at
+# 64x64, 170 at 32x32, at most 1024). A fixed figure, not a user knob: how rows are cut into record
+# batches is part of how TFT accumulates the float64 mean, so it must not vary between runs.
+RECORD_BATCH_BYTES = 4 << 20
+MAX_RECORD_BATCH_ROWS = 1024
+
+
+def record_batch_rows(row_size: int) -> int:
+    """Rows per Arrow record batch fed to TFT for rows of `row_size` uint8 values."""
+    return max(1, min(MAX_RECORD_BATCH_ROWS, RECORD_BATCH_BYTES // (8 * row_size)))
+
+
 class _ReadStagedFn(beam.DoFn):
     """A staged piece -> Arrow record batches of int64 pixels (TFT's native input), plus its exact
     float64 column sums and row count on the `sums` output: one read serves both."""
 
-    def __init__(self, row_size: int, batch_rows: int = 1024):
-        self._row_size, self._batch_rows = row_size, batch_rows
+    def __init__(self, row_size: int):
+        self._row_size, self._batch_rows = row_size, record_batch_rows(row_size)
 
     def process(self, path: str):
         import pyarrow as pa

@@ -14,7 +14,7 @@ import apache_beam as beam
 from imagebeam.transforms.inputs.downloads import FetchImages
 from imagebeam.transforms.inputs.fetch import FetchConfig
 from imagebeam.transforms.inputs.sources import IndexInputs, class_keys, estimated_images
-from imagebeam.transforms.bookkeeping.staging import ItemFn, StageStream, StageUnits
+from imagebeam.transforms.bookkeeping.staging import DEFAULT_STAGE_MEMORY_MB, ItemFn, StageStream, StageUnits
 from imagebeam.transforms.inputs.url_lists import ReadUrlLists, is_url_list
 
 
@@ -68,14 +68,15 @@ class StageFromIndex(beam.PTransform):
     sorted runs (transforms/bookkeeping/staging.py).
 
     Image sources are staged work unit by work unit (a re-run skips finished units); fetched URL-list
-    images, which cannot be read again, are staged as they arrive.
+    images, which cannot be read again, are staged as they arrive. `memory_mb`: staged bytes a worker
+    holds before it writes a run (`--stage-memory`).
     """
 
     def __init__(self, indexed: Indexed, staging: str, item_fn: ItemFn, params: str,
                  side_inputs: Sequence[Any] = (), fetch_config: Optional[FetchConfig] = None,
-                 progress: Optional[str] = None):
+                 progress: Optional[str] = None, memory_mb: int = DEFAULT_STAGE_MEMORY_MB):
         super().__init__()
-        self._indexed = indexed
+        self._indexed, self._memory_mb = indexed, memory_mb
         self._staging, self._item_fn, self._params = staging, item_fn, params
         self._side, self._config, self._progress = list(side_inputs), fetch_config, progress
 
@@ -84,13 +85,14 @@ class StageFromIndex(beam.PTransform):
         summaries, failures = [], []
         if indexed.units is not None:
             s, f = indexed.units | "StageUnits" >> StageUnits(self._staging, self._item_fn, self._params,
-                                                              self._side, self._progress)
+                                                              self._side, self._progress, self._memory_mb)
             summaries.append(s)
             failures.append(f)
         if indexed.entries is not None:
             blobs, fetch_failures = indexed.entries | "FetchImages" >> FetchImages(self._config)
             s, f = ((blobs, fetch_failures) | "FetchedAndFailed" >> beam.Flatten()
-                    | "StageFetched" >> StageStream(self._staging, self._item_fn, self._side, self._progress))
+                    | "StageFetched" >> StageStream(self._staging, self._item_fn, self._side, self._progress,
+                                                     self._memory_mb))
             summaries.append(s)
             failures.append(f)
         return _flatten(summaries, "AllSummaries"), _flatten(failures, "AllStageFailures")
