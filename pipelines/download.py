@@ -1,22 +1,26 @@
 """imagebeam download: URL lists -> DIR/md5(url).ext files and DIR/manifest.jsonl, restartable (SPEC §3).
 
-    ReadUrlLists --+
-    PreviousRecords (manifest.jsonl + journal of a killed run) --+--> CoGroupByKey(md5 of the URL) -> Plan
-    FilesOnDisk ---+
-    Plan -> kept (finished earlier, not fetched again) | Fetch (threads per worker, per-host limit,
-            retries, validation by decoding, atomic writes; journal flushed every few seconds)
-         -> DedupeContent (same sha256: the first URL keeps the file) -> WriteManifest -> metadata.json
+Memory does not grow with the list (transforms/inputs/download_shards.py):
 
-Re-running resumes: URLs with a final record (ok with its file present, or a permanent failure) are
-kept; transient failures (timeout, connection, 429, 5xx) are tried again; a file already on disk without
-a record is validated instead of fetched. The manifest has one record per listed URL, ordered by file
-name (md5 of the URL).
+    Lists -> CutShards (consecutive lines, as the list is read) -> FetchShards (threads per worker,
+             per-host limit, retries, validation by decoding, atomic writes; a run file + marker per shard)
+          -> MergeUrls (md5 buckets: one record per URL, earlier runs' records)
+          -> DedupeContent (sha256 buckets: the first URL keeps the file)
+          -> WritePieces (md5 buckets: ordered manifest pieces) -> WriteManifest -> metadata.json
+
+Re-running resumes: finished shards are not fetched again; in a killed shard, journaled records are kept
+and files stored without a record are validated instead of fetched; after a finished run, URLs with a
+final record in manifest.jsonl (ok with its file present, or a permanent failure) are kept and transient
+failures (timeout, connection, 429, 5xx) are tried again. The manifest has one record per listed URL,
+ordered by file name (md5 of the URL).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import uuid
 from typing import Sequence
 
 import apache_beam as beam
@@ -24,16 +28,15 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.runners import network_options
 from imagebeam.runners import options as job_options
-from imagebeam.transforms.bookkeeping import fileutil
-from imagebeam.transforms.inputs.downloads import (JOURNAL, FetchFn, PreviousRecords, WriteManifestPieces,
-                                            downloaded_files, merge_statuses, plan_url, resolve_duplicates)
-from imagebeam.transforms.bookkeeping.progress import ReportTotal
+from imagebeam.transforms.bookkeeping import fileutil, staging
 from imagebeam.transforms.bookkeeping.report import read_json, versions
-from imagebeam.transforms.inputs.url_lists import ReadUrlLists, url_md5
+from imagebeam.transforms.inputs import download_shards as shards
+from imagebeam.transforms.inputs.downloads import JOURNAL
+from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards
 
 _LOG = logging.getLogger(__name__)
-PIECES = ".manifest-pieces"
 MANIFEST = "manifest.jsonl"
+OLD_PIECES = ".manifest-pieces"  # an older version's temporaries
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -43,68 +46,65 @@ def make_parser() -> argparse.ArgumentParser:
                    help="URL list: text (URL = last token per line), CSV, JSONL or Parquet, optionally .gz, "
                         "or a .tgz holding a text list; globs allowed; repeat for several")
     p.add_argument("--output", required=True, help="download folder (local or any Beam filesystem)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="consecutive list lines per unit of work (its own run file and completion marker)")
     network_options.add_arguments(p)
     return p
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     config = network_options.fetch_config(args)
-    output = args.output
-    entries = p | "ReadUrlLists" >> ReadUrlLists(args.input, *network_options.list_columns(args))
-    planned = (
-        {"entries": entries | "KeyByUrl" >> beam.Map(lambda e: (url_md5(e.url), e)),
-         "previous": p | "PreviousRecords" >> PreviousRecords(output),
-         "files": p | "FilesOnDisk" >> beam.Create([output]) | "List" >> beam.FlatMap(downloaded_files)}
-        | "JoinByUrl" >> beam.CoGroupByKey()
-        | "Plan" >> beam.FlatMap(plan_url).with_outputs("kept", "repeated", main="fetch"))
-    fetched = (planned.fetch
-               | "Fetch" >> beam.ParDo(FetchFn(config, output, full_decode=True,
-                                              progress=getattr(args, "progress", None)))
-               | "Records" >> beam.Map(lambda d: d.record))
-    records = (fetched, planned.kept) | "AllRecords" >> beam.Flatten()
-    with_content = records | "SplitByContent" >> beam.Partition(
-        lambda r, _: 0 if r["status"] in ("ok", "duplicate") and r.get("sha256") else 1, 2)
-    deduped = (with_content[0]
-               | "KeyBySha256" >> beam.Map(lambda r: (r["sha256"], r))
-               | "GroupContent" >> beam.GroupByKey()
-               | "DedupeContent" >> beam.FlatMap(resolve_duplicates))
-    pieces = ((deduped, with_content[1]) | "FinalRecords" >> beam.Flatten()
-              | "WriteManifestPieces" >> WriteManifestPieces(output, fileutil.join(output, PIECES)))
-    counts = {
-        "listed": entries | "CountListed" >> beam.combiners.Count.Globally(),
-        "repeated": planned.repeated | "CountRepeated" >> beam.CombineGlobally(sum),
-        "kept": planned.kept | "CountKept" >> beam.combiners.Count.Globally(),
-        "fetched": planned.fetch | "CountFetched" >> beam.combiners.Count.Globally(),
-    }
-    sides = {name: beam.pvalue.AsSingleton(pc) for name, pc in counts.items()}
-    _ = planned.fetch | "ProgressTotal" >> beam.Map(lambda _: 1) | ReportTotal(getattr(args, "progress", None))
+    output, columns = args.output, network_options.list_columns(args)
+    progress = getattr(args, "progress", None)
+    summaries = (p
+                 | "Lists" >> beam.Create(list(enumerate(args.input)))
+                 | "CutShards" >> beam.FlatMapTuple(cut_shards, args.shard_size, *columns)
+                 | "FetchShards" >> beam.ParDo(shards.FetchShardsFn(config, output, args.run_id, progress)))
+    merged = summaries | "MergeUrls" >> staging.MergeBucketRanges(
+        shards.state_path(output, shards.URLS),
+        functools.partial(shards.merge_urls, output=output, run_id=args.run_id), shards.MERGE_ENTRIES)
+    decisions = (merged
+                 | "ContentKeys" >> beam.Map(lambda m: m["content"])
+                 | "DedupeContent" >> staging.MergeBucketRanges(
+                     shards.state_path(output, shards.CONTENT),
+                     functools.partial(shards.decide_duplicates, output=output), shards.MERGE_ENTRIES))
+    pieces = ((merged | "Records" >> beam.Map(lambda m: m["records"]), decisions)
+              | "RecordsAndDecisions" >> beam.Flatten()
+              | "WritePieces" >> staging.MergeBucketRanges(
+                  shards.state_path(output, shards.PIECES),
+                  functools.partial(shards.write_piece, output=output), shards.MERGE_ENTRIES))
+    counts = {"lists": summaries | "CountLines" >> beam.CombineGlobally(shards.sum_counts),
+              "urls": merged | "CountUrls" >> beam.CombineGlobally(shards.sum_counts)}
     _ = (p | "Once" >> beam.Create([None])
-         | "WriteManifest" >> beam.Map(finish, output, job_facts(args), beam.pvalue.AsList(pieces), **sides))
+         | "WriteManifest" >> beam.Map(finish, output, job_facts(args), beam.pvalue.AsList(pieces),
+                                       **{k: beam.pvalue.AsSingleton(v) for k, v in counts.items()}))
 
 
 class CountsDontAddUp(RuntimeError):
     pass
 
 
-def finish(_, output: str, facts: dict, pieces: list, listed: int, repeated: int, kept: int, fetched: int) -> dict:
-    """manifest.jsonl from the pieces (in bucket order), then metadata.json; the journal goes last."""
-    statuses = merge_statuses(pieces)
-    urls = sum(statuses.values())
-    counts = {"listed": listed, "repeated_lines": repeated, "urls": urls, "kept_from_earlier_runs": kept,
-              "processed_this_run": fetched, "ok": statuses.get("ok", 0), "failed": urls - statuses.get("ok", 0)}
-    if urls != listed - repeated or urls != kept + fetched:
+def finish(_, output: str, facts: dict, pieces: list, lists: dict, urls: dict) -> dict:
+    """manifest.jsonl from the pieces (in bucket order), then metadata.json; the job's state goes last."""
+    statuses = dict(sorted(shards.sum_counts(piece["statuses"] for piece in pieces).items()))
+    n_urls = sum(statuses.values())
+    listed, repeated = lists.get("listed", 0), lists.get("repeated", 0) + urls.get("repeated", 0)
+    kept, processed = urls.get("kept", 0), urls.get("processed", 0)
+    counts = {"listed": listed, "repeated_lines": repeated, "urls": n_urls, "kept_from_earlier_runs": kept,
+              "processed_this_run": processed, "ok": statuses.get("ok", 0), "failed": n_urls - statuses.get("ok", 0)}
+    if n_urls != listed - repeated or n_urls != kept + processed or n_urls != urls.get("urls", 0):
         raise CountsDontAddUp(f"counts do not add up: {counts}, statuses {statuses}")
     paths = [piece["path"] for piece in sorted(pieces, key=lambda piece: piece["bucket"])]
-    if paths:
-        fileutil.concat_files(fileutil.join(output, MANIFEST), paths)
+    if paths:  # pieces are kept until the job's state goes: a re-run after a kill here re-emits them
+        fileutil.concat_files(fileutil.join(output, MANIFEST), paths, move_single=False)
     else:
         fileutil.write_atomically(fileutil.join(output, MANIFEST), b"")
     meta = dict(facts, counts=counts, statuses=statuses,
-                success_rate=round(statuses.get("ok", 0) / urls, 6) if urls else None,
+                success_rate=round(statuses.get("ok", 0) / n_urls, 6) if n_urls else None,
                 manifest=MANIFEST, versions=versions())
     fileutil.write_atomically(fileutil.join(output, "metadata.json"),
                               (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    fileutil.delete_existing(fileutil.join(output, d) for d in (PIECES, JOURNAL))
+    fileutil.delete_existing(fileutil.join(output, d) for d in (shards.STATE, JOURNAL, OLD_PIECES))
     return meta
 
 
@@ -119,22 +119,40 @@ def job_facts(args: argparse.Namespace) -> dict:
 
 
 def remove_leftovers(output: str) -> None:
-    """Temporaries a killed run left: hidden in-progress files and manifest pieces (not the journal)."""
-    temporaries = fileutil.matching([fileutil.join(output, f".*{fileutil.TEMP_MARK}*"),
-                                     fileutil.join(output, JOURNAL, f".*{fileutil.TEMP_MARK}*")])
-    fileutil.delete_existing([*temporaries, fileutil.join(output, PIECES)])
+    """Temporaries a killed run left: hidden in-progress files (the journal and the job's state stay)."""
+    fileutil.delete_existing(fileutil.matching([fileutil.join(output, f".*{fileutil.TEMP_MARK}*"),
+                                                fileutil.join(output, JOURNAL, f".*{fileutil.TEMP_MARK}*")]))
+
+
+def prepare_state(args: argparse.Namespace) -> bool:
+    """Keep the job's state (shards, merges, journal) if a killed run of the very same lists left it
+    (True: resuming); otherwise start it afresh, indexing a finished run's manifest if there is one."""
+    facts = argparse.Namespace(columns=network_options.list_columns(args), shard_size=args.shard_size)
+    state = fileutil.join(args.output, shards.STATE)
+    if staging.prepare(state, staging.fingerprint("download", facts, args.input)):
+        return True
+    fileutil.delete_existing([fileutil.join(args.output, JOURNAL)])
+    manifest = fileutil.join(args.output, MANIFEST)
+    if FileSystems.exists(manifest):
+        found = shards.PreviousIndex.build(manifest, shards.state_path(args.output, shards.PREVIOUS))
+        _LOG.info("indexed %d final records of the earlier run's manifest", found)
+    return False
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Run the job and return the metadata it wrote."""
-    # Local runs are in-process: the job is network I/O on FetchFn's own thread pool (see options).
+    # Local runs are in-process: the job is network I/O on FetchShardsFn's own thread pool (see options).
     args, pipeline_options = job_options.parse(make_parser(), argv, local_mode="in_memory")
     network_options.fetch_config(args)  # fail on bad options before any pipeline starts
+    if args.shard_size < 1:
+        raise SystemExit("--shard-size must be at least 1")
     fileutil.ensure_dir(args.output)
     remove_leftovers(args.output)
     metadata = fileutil.join(args.output, "metadata.json")
     if FileSystems.exists(metadata):
         FileSystems.delete([metadata])  # present only once this run has finished
+    prepare_state(args)
+    args.run_id = uuid.uuid4().hex  # records fetched by this run (the rest are kept from earlier ones)
     found = job_options.run_job("download", build, pipeline_options, args)
     meta = read_json(metadata)
     _LOG.info("download finished: %s", meta["counts"])

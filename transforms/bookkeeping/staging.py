@@ -451,3 +451,62 @@ class _DictSum(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
+
+
+# --- merging ranges of buckets (many small buckets, one task) -----------------------------------------
+
+def plan_bucket_ranges(summaries: Iterable[dict], max_entries: int) -> List[BucketTask]:
+    """Summaries -> tasks of consecutive buckets holding about `max_entries` entries (at least one bucket).
+
+    A task reads one contiguous slice per run (a run holds its buckets in order, so a range of buckets
+    is one byte range). The entries of a task must sort by key alone as they do by (bucket, key): true
+    when the bucket is a prefix of the key (hash-prefix buckets). `bucket` is the range's first bucket,
+    so tasks (and their markers) are the same for the same summaries.
+    """
+    per_bucket: Dict[int, List[Tuple[str, int, int]]] = {}
+    counts: Dict[int, int] = {}
+    for s in summaries:
+        for bucket, offset, length, n in s["buckets"]:
+            per_bucket.setdefault(bucket, []).append((s["run"], offset, length))
+            counts[bucket] = counts.get(bucket, 0) + n
+    total = sum(counts.values())
+    tasks: List[BucketTask] = []
+    group: List[int] = []
+
+    def close() -> None:
+        spans: Dict[str, List[int]] = {}
+        for b in group:
+            for run, offset, length in per_bucket[b]:
+                span = spans.setdefault(run, [offset, offset])
+                span[0], span[1] = min(span[0], offset), max(span[1], offset + length)
+        slices = tuple(sorted((run, lo, hi - lo) for run, (lo, hi) in spans.items()))
+        tasks.append(BucketTask(group[0], slices, sum(counts[b] for b in group), 0, total))
+
+    held = 0
+    for b in sorted(counts):
+        if group and held + counts[b] > max_entries:
+            close()
+            group, held = [], 0
+        group.append(b)
+        held += counts[b]
+    if group:
+        close()
+    return tasks
+
+
+class MergeBucketRanges(MergeBuckets):
+    """MergeBuckets over ranges of consecutive buckets (`plan_bucket_ranges`): few tasks for a small
+    dataset, about `max_entries` entries per task for a large one."""
+
+    def __init__(self, staging: str, merge_fn: Callable[..., Iterator[Any]], max_entries: int,
+                 resumable: bool = True, side_inputs: Sequence[Any] = ()):
+        super().__init__(staging, merge_fn, resumable=resumable, side_inputs=side_inputs)
+        self._max_entries = max_entries
+
+    def expand(self, summaries):
+        max_entries = self._max_entries
+        return (summaries
+                | "AllSummaries" >> beam.combiners.ToList()
+                | "PlanRanges" >> beam.FlatMap(lambda s: plan_bucket_ranges(s, max_entries))
+                | "SpreadRanges" >> beam.Reshuffle()
+                | "MergeRange" >> beam.ParDo(self._fn, *_side_args(self._side)))

@@ -124,12 +124,12 @@ def download_one(entry: UrlEntry, fetcher: Fetcher, output_dir: Optional[str], e
 
 
 class Journal:
-    """Finished records, flushed to `DIR/.journal/part-*.jsonl` every few seconds (thread-safe)."""
+    """Finished records, flushed to `DIR/.journal/part-[NAME-]*.jsonl` every few seconds (thread-safe)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, name: str = ""):
         self._dir, self._lines, self._lock = directory, [], threading.Lock()
         self._last = time.monotonic()
-        self._prefix = uuid.uuid4().hex
+        self._prefix = f"{name}-{uuid.uuid4().hex}" if name else uuid.uuid4().hex
         self._parts = 0
 
     def add(self, record: dict) -> None:
@@ -152,11 +152,10 @@ class Journal:
         self._lines = []
 
 
-class FetchFn(beam.DoFn):
-    """(UrlEntry, existing file or None) -> Downloaded, `config.threads` downloads in flight per worker.
+class FetchingDoFn(beam.DoFn):
+    """What every fetching DoFn shares: a Fetcher and a thread pool per worker, Beam counters, progress.
 
-    Results are emitted as they complete; the rest at the end of the bundle. Counters: download/ok,
-    download/failed_<status>, download/bytes, download/throttled_ms, download/retries.
+    Counters: download/ok, download/failed_<status>, download/bytes, download/throttled_ms, download/retries.
     """
 
     def __init__(self, config: FetchConfig, output_dir: Optional[str] = None, full_decode: bool = True,
@@ -171,6 +170,28 @@ class FetchFn(beam.DoFn):
         self._fetcher = Fetcher(self._config)
         self._pool = futures.ThreadPoolExecutor(self._config.threads, thread_name_prefix="fetch")
 
+    def _count(self, result: Downloaded) -> Downloaded:
+        """Counters are updated here, on the bundle's thread (Beam's metrics are per thread)."""
+        status = result.record["status"]
+        beam.metrics.Metrics.counter("download", "ok" if status == "ok" else f"failed_{status}").inc()
+        self._progress.tick(ok=status == "ok", failed=status != "ok")
+        self._bytes.inc(result.record["bytes"] or 0)
+        self._throttled.inc(int(result.throttled * 1000))
+        self._retries.inc(max(0, result.attempts - 1))
+        return result
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class FetchFn(FetchingDoFn):
+    """(UrlEntry, existing file or None) -> Downloaded, `config.threads` downloads in flight per worker.
+
+    Results are emitted as they complete; the rest at the end of the bundle.
+    """
+
     def start_bundle(self):
         self._in_flight = 0
         self._done: "queue.SimpleQueue[futures.Future]" = queue.SimpleQueue()
@@ -180,16 +201,6 @@ class FetchFn(beam.DoFn):
         result = download_one(entry, self._fetcher, self._output, existing, self._full_decode)
         if self._journal is not None:
             self._journal.add(result.record)
-        return result
-
-    def _count(self, result: Downloaded) -> Downloaded:
-        """Counters are updated here, on the bundle's thread (Beam's metrics are per thread)."""
-        status = result.record["status"]
-        beam.metrics.Metrics.counter("download", "ok" if status == "ok" else f"failed_{status}").inc()
-        self._progress.tick(ok=status == "ok", failed=status != "ok")
-        self._bytes.inc(result.record["bytes"] or 0)
-        self._throttled.inc(int(result.throttled * 1000))
-        self._retries.inc(max(0, result.attempts - 1))
         return result
 
     def _collect(self, block: bool) -> Iterator[Downloaded]:
@@ -216,11 +227,6 @@ class FetchFn(beam.DoFn):
         if self._journal is not None:
             self._journal.flush()
         self._progress.flush()
-
-    def teardown(self):
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --- source mode: URL list -> ImageBlobs ---------------------------------------------------------------
@@ -267,39 +273,7 @@ class FetchImages(beam.PTransform):
         return out.blobs, failures
 
 
-# --- download job: plan, dedupe, manifest --------------------------------------------------------------
-
-def best_previous(records: Iterable[Tuple[int, dict]]) -> Optional[dict]:
-    """The record an earlier run left for a URL: final beats transient, the manifest beats the journal.
-
-    `records` are (origin, record) with origin 0 for manifest.jsonl and 1 for journal parts.
-    """
-    ranked = sorted(records, key=lambda r: (is_transient(r[1]["status"]), r[0], record_line(r[1])))
-    return ranked[0][1] if ranked else None
-
-
-def plan_url(element) -> Iterator:
-    """md5 -> {entries, previous, files}: keep the earlier record, or fetch (with a file to check).
-
-    An earlier run's URL that is no longer listed is left alone (no entries: nothing is emitted).
-    """
-    _, groups = element
-    entries = sorted(groups["entries"], key=entry_order)
-    if len(entries) > 1:
-        yield pvalue.TaggedOutput("repeated", len(entries) - 1)
-    previous = best_previous(groups["previous"])
-    files = sorted(groups["files"])
-    if entries:
-        if previous is not None and _finished(previous, files):
-            yield pvalue.TaggedOutput("kept", previous)
-        else:
-            yield entries[0], (files[0] if files else None)
-
-
-def _finished(record: dict, files: List[str]) -> bool:
-    """A final record: a permanent failure, a duplicate, or ok with its file still there."""
-    return not is_transient(record["status"]) and (record["status"] != "ok" or record["file"] in files)
-
+# --- download job: content dedupe ------------------------------------------------------------------
 
 def resolve_duplicates(element) -> List[dict]:
     """sha256 -> records with that content: the first URL keeps its file, the others are duplicates.
@@ -311,52 +285,17 @@ def resolve_duplicates(element) -> List[dict]:
     holders = [r for r in records if r["status"] == "ok"]
     if not holders:
         return records
-    winner, out = holders[0], [holders[0]]
-    for record in records:
-        if record is winner:
-            continue
-        duplicate = dict(record, status="duplicate", reason=f"same content as {winner['url']}",
-                         file=winner["file"], duplicate_of=winner["url"])
-        if record["status"] == "ok" and record["file"] != winner["file"]:
-            duplicate["_delete"] = record["file"]
-        out.append(duplicate)
-    return out
+    winner = holders[0]
+    return [winner] + [as_duplicate(r, winner["url"], winner["file"]) for r in records if r is not winner]
 
 
-def manifest_bucket(record: dict, buckets: int = 64) -> int:
-    return int(url_md5(record["url"])[:4], 16) * buckets >> 16
-
-
-class _WritePieceFn(beam.DoFn):
-    """(bucket, records) -> one sorted piece of the manifest; deletes the files duplicates gave up."""
-
-    def __init__(self, output: str, pieces: str):
-        self._output, self._pieces = output, pieces
-
-    def process(self, element):
-        bucket, records = element
-        records = sorted(records, key=lambda r: (url_md5(r["url"]), r["url"]))
-        delete_existing([join(self._output, r.pop("_delete")) for r in records if "_delete" in r])
-        path = join(self._pieces, f"piece-{bucket:05d}.jsonl")
-        write_atomically(path, "".join(record_line(r) for r in records).encode("utf-8"))
-        yield {"bucket": bucket, "path": path, "statuses": dict(Counter(r["status"] for r in records))}
-
-
-class WriteManifestPieces(beam.PTransform):
-    """Final records -> sorted manifest pieces, one per bucket of URL md5s (never all in one worker).
-
-    Emits {"bucket", "path", "statuses"}; `finish` concatenates the pieces in bucket order.
-    """
-
-    def __init__(self, output: str, pieces: str):
-        super().__init__()
-        self._output, self._pieces = output, pieces
-
-    def expand(self, records):
-        return (records
-                | "KeyByBucket" >> beam.Map(lambda r: (manifest_bucket(r), r))
-                | "GroupBucket" >> beam.GroupByKey()
-                | "WritePiece" >> beam.ParDo(_WritePieceFn(self._output, self._pieces)))
+def as_duplicate(record: dict, winner_url: str, winner_file: str) -> dict:
+    """`record` as a duplicate of the URL that keeps the content; its own copy, if any, is marked `_delete`."""
+    duplicate = dict(record, status="duplicate", reason=f"same content as {winner_url}", file=winner_file,
+                     duplicate_of=winner_url)
+    if record["status"] == "ok" and record["file"] != winner_file:
+        duplicate["_delete"] = record["file"]
+    return duplicate
 
 
 def read_records(path: str) -> Iterator[dict]:
@@ -371,48 +310,3 @@ def read_records(path: str) -> Iterator[dict]:
                 yield record
 
 
-def previous_record_paths(output: str) -> List[Tuple[int, str]]:
-    """(origin, path) of what earlier runs left: 0 = manifest.jsonl, 1 = journal parts."""
-    paths = []
-    manifest = join(output, "manifest.jsonl")
-    if FileSystems.exists(manifest):
-        paths.append((0, manifest))
-    for result in FileSystems.match([join(output, JOURNAL, "part-*.jsonl")]):
-        paths += [(1, m.path) for m in sorted(result.metadata_list, key=lambda m: m.path)]
-    return paths
-
-
-def keyed_previous_records(origin: int, path: str) -> Iterator[Tuple[str, Tuple[int, dict]]]:
-    for record in read_records(path):
-        yield url_md5(record["url"]), (origin, record)
-
-
-class PreviousRecords(beam.PTransform):
-    """(md5, (origin, record)) from what earlier runs left in `output` (manifest.jsonl, journal parts)."""
-
-    def __init__(self, output: str):
-        super().__init__()
-        self._output = output
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "Paths" >> beam.Create(previous_record_paths(self._output))
-                | "Spread" >> beam.Reshuffle()
-                | "Records" >> beam.FlatMapTuple(keyed_previous_records))
-
-
-def downloaded_files(output: str) -> Iterator[Tuple[str, str]]:
-    """(md5, file name) of every stored download in `output` (names are md5(url) + extension)."""
-    for result in FileSystems.match([join(output, "*")]):
-        for meta in result.metadata_list:
-            name = meta.path.rstrip("/").rsplit("/", 1)[-1]
-            stem = name.split(".", 1)[0]
-            if len(stem) == 32 and all(c in "0123456789abcdef" for c in stem) and "." in name:
-                yield stem, name
-
-
-def merge_statuses(pieces: List[dict]) -> Dict[str, int]:
-    total: Counter = Counter()
-    for piece in pieces:
-        total.update(piece["statuses"])
-    return dict(sorted(total.items()))

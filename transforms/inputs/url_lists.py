@@ -230,3 +230,70 @@ class _ReadOneList(beam.PTransform):
 
 def _some(entry: Optional[UrlEntry]) -> List[UrlEntry]:
     return [] if entry is None else [entry]
+
+
+# --- streaming a list in shards (the download job) ---------------------------------------------------------
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+class Shard(NamedTuple):
+    """`size` consecutive entries of one list: the download job's unit of work (its own run file and
+    completion marker). `id` is stable for the same inputs: "<input number>-<shard number>"."""
+    id: str
+    entries: List[UrlEntry]
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    """The lines of a file, decompressed by its extension (.gz, .bz2, ...), streamed."""
+    with FileSystems.open(path) as f:
+        yield from iter(f.readline, b"")
+
+
+def _parquet_records(path: str, columns: List[str]) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns):
+            yield from batch.to_pylist()
+
+
+def stream_list(spec: str, url_column: str = "url", key_column: Optional[str] = None,
+                label_column: Optional[str] = None) -> Iterator[UrlEntry]:
+    """Every entry of a list path or glob, in file order, parsed as `ReadUrlLists` parses it; never the
+    whole list in memory. `source` is `spec` as given (a .tgz member: `spec/member`)."""
+    cols = (url_column, key_column, label_column)
+    kind = list_format(spec)
+    paths = fileutil.matching([spec]) if any(c in spec for c in "*?[") else [spec]
+    for path in paths:
+        if kind == "tgz":
+            yield from (e._replace(source=spec + e.source[len(path):]) for e in stream_tgz_lines(path))
+        elif kind == "parquet":
+            yield from (parse_record(r, *cols, source=spec)
+                        for r in _parquet_records(path, [c for c in cols if c]))
+        else:
+            lines = _lines(path)
+            if kind == "csv":
+                header = csv_header(path)
+                next(lines, None)
+                parsed = (parse_csv_line(line, header, *cols, source=spec) for line in lines)
+            elif kind == "jsonl":
+                parsed = (parse_json_line(line, *cols, source=spec) for line in lines)
+            else:
+                parsed = (parse_text_line(line, spec) for line in lines)
+            yield from (e for e in parsed if e is not None)
+
+
+def cut_shards(number: int, spec: str, size: int = DEFAULT_SHARD_SIZE, url_column: str = "url",
+               key_column: Optional[str] = None, label_column: Optional[str] = None) -> Iterator[Shard]:
+    """The `number`-th list cut into shards of `size` consecutive entries as it is read: the first shard
+    is out after `size` lines, whatever the list's length (no pass over the whole list first)."""
+    entries: List[UrlEntry] = []
+    count = 0
+    for entry in stream_list(spec, url_column, key_column, label_column):
+        entries.append(entry)
+        if len(entries) == size:
+            yield Shard(f"{number:04d}-{count:07d}", entries)
+            entries, count = [], count + 1
+    if entries:
+        yield Shard(f"{number:04d}-{count:07d}", entries)
