@@ -163,13 +163,17 @@ def run(argv: Sequence[str] | None = None, isolate: bool = True) -> dict:
     args.fingerprint = stage.fingerprint("downsample", args, [*args.input, *filter(None, (args.devkit, args.class_map))])
     stage.prepare(staging, args.fingerprint)
     phase1_done = fileutil.join(staging, "metadata.json")
-    if args.split == "val" or not FileSystems.exists(phase1_done):
+    phase1_reused = args.split == "train" and FileSystems.exists(phase1_done)
+    if not phase1_reused:
         job_options.run_job("downsample", build, pipeline_options, args)
     if args.split == "train":
         staged = read_json(phase1_done)
-        # TensorFlow (TFT) is loaded only in a child process; see options.run_pipeline.
+        if phase1_reused:  # every unit of phase 1 was reused: say so in metadata.json's "run"
+            staged["run"] = dict(staged.get("run") or {}, phase1_reused=True,
+                                 units_reused=(staged.get("run") or {}).get("units", 0))
+        # TensorFlow (TFT) stays out of local multi-process pipelines; see options.run_pipeline.
         job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
-                                 isolate=isolate)
+                                 isolate=isolate, loads_tensorflow=True)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("downsample finished: %s", meta["counts"])
     return meta

@@ -214,7 +214,7 @@ def sdk_worker_pool(pipeline_options: PipelineOptions) -> Iterator[PipelineOptio
 
 
 def run_pipeline(build: Callable[..., None], pipeline_options: PipelineOptions, *build_args,
-                 isolate: bool = False) -> Dict[str, int]:
+                 isolate: bool = False, loads_tensorflow: bool = False) -> Dict[str, int]:
     """Build and run one pipeline: `build(pipeline, *build_args)`.
 
     Beam 2.77's FnApiRunner loses elements silently (a few percent of 100,000 rows, no error) when its
@@ -222,11 +222,12 @@ def run_pipeline(build: Callable[..., None], pipeline_options: PipelineOptions, 
     protobuf; TensorFlow inside the SDK workers is harmless. (Its multi_threading mode, with the data
     plane in-process, loses and corrupts elements even without TensorFlow, so it is refused.) So a local multi-process/multi-thread
     pipeline never runs in a process where TensorFlow is loaded: it runs in a freshly spawned
-    interpreter instead. `isolate=True` always spawns, to keep TensorFlow out of the caller.
+    interpreter instead; `loads_tensorflow` says that `build` itself imports it (a TFT analysis), which
+    counts the same. `isolate=True` always spawns, to keep TensorFlow out of the caller.
 
     Returns the pipeline's counters as {"namespace:name": value} (empty when run in a child process).
     """
-    if isolate or (_uses_local_grpc(pipeline_options) and "tensorflow" in sys.modules):
+    if isolate or (_uses_local_grpc(pipeline_options) and (loads_tensorflow or "tensorflow" in sys.modules)):
         _run_in_child(build, pipeline_options, build_args)
         return {}
     import apache_beam as beam

@@ -141,3 +141,18 @@ def test_embedding_failure_in_the_last_stage_is_a_counted_failure(ilsvrc, workdi
     assert victim in {r["member"] for r in failed}
     c = meta["counts"]
     assert c == {"read": len(ilsvrc.val), "written": len(ilsvrc.val) - 4, "failed": 4}
+
+
+def test_stage_memory_option_is_checked_before_the_pipeline_and_kept_out_of_the_fingerprint(tmp_path):
+    from imagebeam.pipelines import colorize, downsample
+
+    for job in (downsample, colorize):
+        args = job.make_parser().parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                                             "--stage-memory", "0"])
+        with pytest.raises(SystemExit, match="--stage-memory must be at least 1"):
+            job.check_args(args)
+        low = staging.fingerprint("j", job.make_parser().parse_args(
+            ["--input", str(tmp_path), "--output", "o", "--stage-memory", "16"]), [str(tmp_path)])
+        default = staging.fingerprint("j", job.make_parser().parse_args(
+            ["--input", str(tmp_path), "--output", "o"]), [str(tmp_path)])
+        assert low == default  # a killed run resumes with another budget

@@ -171,11 +171,17 @@ def main(argv=None) -> None:
     p.add_argument("--json")
     p.add_argument("--workdir")
     args = p.parse_args(argv)
+    script = os.path.abspath(sys.argv[0])
+    json_path = os.path.abspath(args.json) if args.json else None
 
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-memory-")
+    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench-memory-"))
     os.makedirs(work, exist_ok=True)
+    # Jobs run from the work folder: Beam's SDK worker processes put their current folder first on
+    # sys.path, and from a checkout that would import the checkout's imagebeam/ in every worker (the
+    # baseline's workers then ran this code's modules, or failed to find the old ones).
+    os.chdir(work)
     print(common.machine_text(common.machine()))
-    print("command:", " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]))
+    print("command:", " ".join([os.path.relpath(script, REPO), *sys.argv[1:]]))
     jpegs = list(sample_lib.imagenet_like_jpegs(args.unique, seed=1, quality=args.quality))
     print(f"{len(jpegs)} unique JPEGs, mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB")
     env = None if args.no_baseline else baseline_env(args.baseline, work)
@@ -211,7 +217,7 @@ def main(argv=None) -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    common.write_json(args.json, bench_all_summary(summary))
+    common.write_json(json_path, bench_all_summary(summary))
 
 
 def bench_all_summary(results: dict) -> dict:
