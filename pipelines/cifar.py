@@ -26,12 +26,14 @@ import numpy as np
 from apache_beam import pvalue
 from PIL import Image
 
+from imagebeam.runners import checks
 from imagebeam.runners import options as job_options
 from imagebeam.transforms.formats import cifar, safe_pickle
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.formats.batches import batch_dict, batch_file_name, batch_sizes, shuffle_key, write_batch
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
+                                                      read_json, rows_per_split, summary_table)
 from imagebeam.transforms.formats.safe_pickle import UnsafePickleError
 from imagebeam.transforms.inputs.sources import Failure
 from imagebeam.transforms.formats.tfrecord import bytes_feature, example_bytes, frame_record, int64_feature
@@ -52,6 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sharpen", action="store_true", help="skip the seed's sharpening kernel")
     p.add_argument("--examples-per-file", type=int, default=10_000, help="tfrecord: records per file")
     p.add_argument("--batches", type=int, default=5, help="imagenet32: number of train batch files")
+    job_options.add_failure_rate_argument(p)
     return p
 
 
@@ -140,7 +143,8 @@ def write_processed_pickle(output: str, variant: str, names: List[bytes], seed: 
             "test_dataset": test.pixels, "test_labels": test.labels, "label_names": list(names)}
     name = processed_file_name(variant)
     fileutil.write_with(fileutil.join(output, name), lambda f: pickle.dump(save, f, pickle.HIGHEST_PROTOCOL))
-    return [{"file": name, "rows": len(train.labels) + len(test.labels)}]
+    return [{"file": name, "rows": len(train.labels) + len(test.labels),
+             "splits": {"train": len(train.labels), "test": len(test.labels)}}]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -252,12 +256,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
     # In-process on the local runner unless told otherwise: the job moves ~180 MB of pixels through a
     # few stages, and SDK worker processes double its time (the gRPC hops cost more than the numpy work).
     args, pipeline_options = job_options.parse(make_parser(), argv, local_mode="in_memory")
-    if args.examples_per_file < 1 or args.batches < 1:
-        raise SystemExit("--examples-per-file and --batches must be at least 1")
+    checks.check_positive(args, "examples_per_file", "batches")
+    checks.check_rate(args.max_failure_rate, "--max-failure-rate")
+    checks.check_inputs([args.input])
+    checks.check_output(args.output, inputs=[args.input])
     try:
         layout, names = cifar.open_input(args.input)
     except (ValueError, UnsafePickleError, OSError) as exc:
-        raise SystemExit(f"imagebeam cifar: {exc}") from None
+        raise checks.UsageError(f"--input {args.input!r}: {exc}") from None
     fileutil.ensure_dir(args.output)
     write_classes(args.output, names, one_based=args.format == "imagenet32")
     job_options.run_job("cifar", build, pipeline_options, args, layout, names)
@@ -269,5 +275,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
     args, _ = make_parser().parse_known_args(argv)
-    print(summary_table(f"cifar {meta['variant']} ({meta['format']})", meta, args.output))
-    return 0
+    table = summary_table(f"cifar {meta['variant']} ({meta['format']})", meta, args.output)
+    splits = rows_per_split(meta)
+    required = {split: splits.get(split, 0) for split in ("train", "test")}
+    return conclude(args.output, meta, table, dataset_problems(meta, args.max_failure_rate, required))

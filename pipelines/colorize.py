@@ -22,7 +22,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
-from imagebeam.runners import network_options
+from imagebeam.runners import checks, network_options
 from imagebeam.runners import options as job_options
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.model import inception
@@ -34,7 +34,8 @@ from imagebeam.transforms.formats.lab_records import RECORD_FORMATS
 from imagebeam.transforms.formats.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
                                               LabEntryFn, WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.bookkeeping.progress import ReportTotal
-from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
+                                                      read_json, rows_per_split, summary_table)
 from imagebeam.transforms.imaging.resize import FIT_MODES
 from imagebeam.transforms.inputs.all_inputs import IndexAllInputs, StageFromIndex
 
@@ -88,27 +89,44 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--exif-transpose", action="store_true")
     job_options.add_stage_memory_argument(p)
+    job_options.add_failure_rate_argument(p)
     network_options.add_arguments(p)
     return p
 
 
 def check_args(args: argparse.Namespace, runner: str | None = None) -> None:
+    """Everything checkable before a pipeline starts (one line and exit 2 from the command otherwise)."""
     network_options.fetch_config(args)
     job_options.check_stage_memory(args)
-    if args.batch_size < 1 or args.examples_per_file < 1:
-        raise SystemExit("--batch-size and --examples-per-file must be at least 1")
+    checks.check_positive(args, "batch_size", "examples_per_file", "model_copies", "buckets")
     if not 0.0 <= args.val_fraction < 1.0:
-        raise SystemExit("--val-fraction must be in [0, 1)")
-    if args.embedding != "none":
-        try:
-            inception.weights_kind(args.inception_weights)
+        raise checks.UsageError(f"--val-fraction must be in [0, 1), not {args.val_fraction}")
+    checks.check_rate(args.max_failure_rate, "--max-failure-rate")
+    checks.check_inputs(args.input)
+    checks.check_output(args.output, inputs=args.input)
+    if args.embedding == "none":
+        given = [flag for flag, value, default in (
+            ("--embedding-backend", args.embedding_backend, "tensorflow"), ("--precision", args.precision, "float32"),
+            ("--embedding-accelerator", args.embedding_accelerator, None), ("--model-copies", args.model_copies, None))
+            if value != default]
+        if given:
+            raise checks.UsageError(f"{given[0]} has no effect with --embedding none (nothing runs the model); "
+                                    "drop one of the two")
+        return
+    try:
+        kind = inception.weights_kind(args.inception_weights)
+    except ValueError as exc:
+        raise checks.UsageError(f"--inception-weights: {exc}") from None
+    if job_options.is_local_runner(runner):
+        try:  # remote workers bring their own packages and caches; a local run can be checked here
+            check_available(args.embedding_backend)
         except ValueError as exc:
-            raise SystemExit(f"--inception-weights: {exc}") from None
-        if job_options.is_local_runner(runner):
-            try:  # remote workers bring their own packages; a local run can be checked here
-                check_available(args.embedding_backend)
+            raise checks.UsageError(f"--embedding-backend: {exc}") from None
+        if kind == inception.IMAGENET:
+            try:
+                inception.check_imagenet_weights()
             except ValueError as exc:
-                raise SystemExit(f"--embedding-backend: {exc}") from None
+                raise checks.UsageError(f"--inception-weights imagenet: {exc}") from None
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
@@ -213,8 +231,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
     args, _ = make_parser().parse_known_args(argv)
-    print(summary_table(summary(meta).split(":", 1)[0], meta, args.output))
-    return 0
+    splits = rows_per_split(meta)
+    required = {"train": splits.get("train", 0), **({"val": splits.get("val", 0)} if args.val_fraction > 0 else {})}
+    table = summary_table(summary(meta).split(":", 1)[0], meta, args.output)
+    return conclude(args.output, meta, table, dataset_problems(meta, args.max_failure_rate, required))
 
 
 def summary(meta: dict) -> str:

@@ -21,14 +21,15 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.runners import network_options
+from imagebeam.runners import checks, network_options
 from imagebeam.runners import options as job_options
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.bookkeeping import staging as stage
 from imagebeam.transforms.formats.batches import BatchMerger, FinalizeBatches, RowEntryFn, pieces_per_batch
 from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.inputs.labels import LabelMap, load_label_map
-from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, write_metadata, summary_table
+from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
+                                                      read_json, summary_table, write_metadata)
 from imagebeam.transforms.imaging.resize import RESAMPLE_FILTERS, SIZES
 from imagebeam.transforms.inputs.all_inputs import IndexAllInputs, StageFromIndex
 from imagebeam.transforms.bookkeeping.progress import ReportTotal
@@ -61,18 +62,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--exif-transpose", action="store_true",
                    help="apply EXIF orientation (off by default: the reference resizer ignores it)")
     job_options.add_stage_memory_argument(p)
+    job_options.add_failure_rate_argument(p)
     network_options.add_arguments(p)
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Everything checkable before a pipeline starts (one line and exit 2 from the command otherwise)."""
     network_options.fetch_config(args)
     job_options.check_stage_memory(args)
-    if args.batches < 1:
-        raise SystemExit("--batches must be at least 1")
-    for path in (args.devkit, args.class_map):
-        if path and not FileSystems.exists(path):
-            raise SystemExit(f"no such file: {path}")
+    checks.check_positive(args, "batches")
+    checks.check_rate(args.max_failure_rate, "--max-failure-rate")
+    checks.check_inputs(args.input)
+    checks.check_file(args.devkit, "--devkit")
+    checks.check_file(args.class_map, "--class-map")
+    checks.check_output(args.output, inputs=args.input)
 
 
 def write_classes(label_map: LabelMap, output: str) -> str:
@@ -182,8 +186,9 @@ def run(argv: Sequence[str] | None = None, isolate: bool = True) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv, isolate=False)
     args, _ = make_parser().parse_known_args(argv)
-    print(summary_table(f"downsample {meta['split']} {meta['size']}x{meta['size']}", meta, args.output))
-    return 0
+    table = summary_table(f"downsample {meta['split']} {meta['size']}x{meta['size']}", meta, args.output)
+    problems = dataset_problems(meta, args.max_failure_rate, {meta["split"]: meta["counts"]["written"]})
+    return conclude(args.output, meta, table, problems)
 
 
 def summary(meta: dict) -> str:

@@ -25,11 +25,13 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from imagebeam.runners import checks
 from imagebeam.runners import options as job_options
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.inputs.labels import LabelMap, load_label_map
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.bookkeeping.report import WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
+                                                      read_json, summary_table)
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob, WorkUnit, index_tar, read_unit
 
 _LOG = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="ILSVRC2012_img_test_v10102019.tar (flat, unlabelled)")
     p.add_argument("--devkit", required=True, help="ILSVRC2012_devkit_t12.tar.gz (classes, val ground truth)")
     p.add_argument("--output", required=True, help="ROOT (local or any Beam filesystem)")
+    job_options.add_failure_rate_argument(p)
     return p
 
 
@@ -181,13 +184,20 @@ def write_synsets(output: str, label_map: LabelMap) -> None:
 def run(argv: Sequence[str] | None = None) -> dict:
     args, pipeline_options = job_options.parse(make_parser(), argv)
     if not (args.train or args.val or args.test):
-        raise SystemExit("give at least one of --train, --val, --test")
+        raise checks.UsageError("give at least one of --train, --val, --test")
+    for option in ("train", "val", "test"):
+        if getattr(args, option):
+            checks.check_inputs([getattr(args, option)], f"--{option}")
+    checks.check_file(args.devkit, "--devkit")
+    checks.check_rate(args.max_failure_rate, "--max-failure-rate")
+    checks.check_output(args.output, inputs=[a for a in (args.train, args.val, args.test) if a])
     try:
         label_map = load_label_map(args.devkit)
     except (ValueError, OSError) as exc:
-        raise SystemExit(f"--devkit: {exc}") from None
+        raise checks.UsageError(f"--devkit {args.devkit!r}: {exc}") from None
     if args.val and label_map.val_ground_truth is None:
-        raise SystemExit(f"--devkit {args.devkit} has no data/ILSVRC2012_validation_ground_truth.txt")
+        raise checks.UsageError(f"--devkit {args.devkit!r} has no data/ILSVRC2012_validation_ground_truth.txt, "
+                                "which --val needs")
     fileutil.ensure_dir(args.output)
     write_synsets(args.output, label_map)
     job_options.run_job("imagenet-layout", build, pipeline_options, args, label_map)
@@ -199,6 +209,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
     args, _ = make_parser().parse_known_args(argv)
-    print(summary_table("imagenet-layout", meta, args.output, {
-        "units": f"{meta['units_extracted']} extracted now, {meta['units_skipped']} finished by earlier runs"}))
-    return 0
+    table = summary_table("imagenet-layout", meta, args.output, {
+        "units": f"{meta['units_extracted']} extracted now, {meta['units_skipped']} finished by earlier runs"})
+    written = {f["file"].rstrip("/"): f["rows"] for f in meta.get("files", [])}
+    required = {split: written.get(split, 0) for split in ("train", "val", "test") if getattr(args, split)}
+    return conclude(args.output, meta, table, dataset_problems(meta, args.max_failure_rate, required))

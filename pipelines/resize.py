@@ -21,11 +21,13 @@ import apache_beam as beam
 from apache_beam import pvalue
 from PIL import Image
 
+from imagebeam.runners import checks
 from imagebeam.runners import options as job_options
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.bookkeeping.report import CountAll, WriteFailures, WriteMetadata, read_json, summary_table
+from imagebeam.transforms.bookkeeping.report import (CountAll, WriteFailures, WriteMetadata, conclude,
+                                                      dataset_problems, read_json, summary_table)
 from imagebeam.transforms.imaging.resize import FIT_MODES, fit
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob, IndexInputs, ReadImages
 
@@ -45,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of JPEG outputs")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--exif-transpose", action="store_true")
+    job_options.add_failure_rate_argument(p)
     return p
 
 
@@ -122,8 +125,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     args, pipeline_options = job_options.parse(make_parser(), argv)
-    if args.size < 1 or not 1 <= args.quality <= 100:
-        raise SystemExit("--size must be positive and --quality in 1..100")
+    check_args(args)
     fileutil.ensure_dir(args.output)
     job_options.run_job("resize", build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
@@ -131,9 +133,20 @@ def run(argv: Sequence[str] | None = None) -> dict:
     return meta
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything checkable before a pipeline starts (one line and exit 2 from the command otherwise)."""
+    checks.check_positive(args, "size", "max_pixels")
+    if not 1 <= args.quality <= 100:
+        raise checks.UsageError(f"--quality must be in 1..100, not {args.quality}")
+    checks.check_rate(args.max_failure_rate, "--max-failure-rate")
+    checks.check_inputs(args.input)
+    checks.check_output(args.output, inputs=args.input)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     meta = run(argv)
     args, _ = make_parser().parse_known_args(argv)
-    print(summary_table(f"resize {meta['size']}x{meta['size']} ({meta['mode']})", meta, args.output))
-    return 0
+    table = summary_table(f"resize {meta['size']}x{meta['size']} ({meta['mode']})", meta, args.output)
+    problems = dataset_problems(meta, args.max_failure_rate, {"images": meta["counts"]["written"]})
+    return conclude(args.output, meta, table, problems)
 

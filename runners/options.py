@@ -26,6 +26,8 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from imagebeam.runners import checks
+
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
 DASK_RUNNER = "imagebeam.runners.dask_runner.DaskRunner"
 PORTABLE_RUNNER = "PortableRunner"
@@ -45,7 +47,17 @@ def add_stage_memory_argument(parser: argparse.ArgumentParser) -> None:
 
 def check_stage_memory(args: argparse.Namespace) -> None:
     if args.stage_memory < 1:
-        raise SystemExit(f"--stage-memory must be at least 1 (MB), not {args.stage_memory}")
+        raise checks.UsageError(f"--stage-memory must be at least 1 (MB), not {args.stage_memory}")
+
+
+def add_failure_rate_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max-failure-rate`: above it the job exits non-zero, the output is not a usable dataset."""
+    from imagebeam.transforms.bookkeeping.report import DEFAULT_MAX_FAILURE_RATE
+
+    parser.add_argument(
+        "--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE, metavar="FRACTION",
+        help=f"exit non-zero when more than this fraction of the inputs fail (default {DEFAULT_MAX_FAILURE_RATE}; "
+             "everything that could be written still is, and failures.jsonl says why); 1 disables the rule")
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -130,9 +142,21 @@ def _renamed(args: List[str], ours: str, beams: str) -> List[str]:
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
           local_mode: str = "multi_processing") -> Tuple[argparse.Namespace, PipelineOptions]:
-    """Known args for the job; everything else becomes PipelineOptions (with our local defaults)."""
+    """Known args for the job; everything else becomes PipelineOptions (with our local defaults).
+
+    A mistake in the job's own options is one line (`imagebeam JOB: error: ...`, exit 2), not argparse's
+    usage block; a Dask scheduler that does not answer is found here, before anything runs.
+    """
+    parser.error = lambda message: _usage_error(parser, message)  # type: ignore[method-assign]
     known, beam_args = parser.parse_known_args(argv)
-    return known, PipelineOptions(beam_args_with_defaults(beam_args, local_mode))
+    full = beam_args_with_defaults(beam_args, local_mode)
+    if _flag_value(full, "--runner") == DASK_RUNNER:
+        checks.check_dask_address(_flag_value(full, "--dask_client_address"))
+    return known, PipelineOptions(full)
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str):
+    raise checks.UsageError(f"{message} (see `{parser.prog} --help`)")
 
 
 def in_process(pipeline_options: PipelineOptions) -> PipelineOptions:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import platform
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -172,3 +172,48 @@ def summary_table(title: str, meta: dict, output: str, extra: Dict[str, str] | N
     rows.append(("metadata", join(output, "metadata.json")))
     width = max(len(k) for k, _ in rows)
     return "\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+# --- is the dataset usable? ----------------------------------------------------------------------------
+
+DEFAULT_MAX_FAILURE_RATE = 0.01  # ImageNet-style image jobs expect almost no failures (1 in 1,000 is fine)
+
+
+def rows_per_split(meta: dict) -> Dict[str, int]:
+    """Rows written per split, from metadata.json's file list: a file's "split", or its "splits" counts
+    (a file holding several, like CIFAR's processed pickle); files with neither count as "all"."""
+    out: Dict[str, int] = {}
+    for f in meta.get("files", []):
+        for split, n in (f.get("splits") or {f.get("split") or "all": f.get("rows", 0)}).items():
+            out[split] = out.get(split, 0) + int(n)
+    return out
+
+
+def dataset_problems(meta: dict, max_failure_rate: Optional[float], required: Dict[str, int]) -> List[str]:
+    """Why the output is not a usable dataset (empty when it is): a split that was asked for and holds
+    nothing, or more failed inputs than `--max-failure-rate` allows (None: no rate rule)."""
+    problems = [f"the {split} split is empty (nothing was written for it)" for split, n in required.items() if n == 0]
+    counts = meta.get("counts", {})
+    read, failed = int(counts.get("read", 0)), int(counts.get("failed", 0))
+    if max_failure_rate is not None and read and failed / read > max_failure_rate:
+        problems.append(f"{failed} of {read} inputs failed ({failed / read:.1%}), more than --max-failure-rate "
+                        f"{max_failure_rate:g} allows (failures.jsonl says why)")
+    return problems
+
+
+def conclude(output: str, meta: dict, table: str, problems: List[str]) -> int:
+    """Print the job's summary table; record and name the failed rule when the dataset is not usable.
+
+    The verdict goes into metadata.json (`verdict`), and the table's last line says which rule failed.
+    Returns the exit status: 0 usable, 1 not.
+    """
+    verdict = {"usable": not problems, "problems": problems}
+    path = join(output, "metadata.json")
+    if FileSystems.exists(path):
+        recorded = dict(read_json(path), verdict=verdict)
+        write_atomically(path, (json.dumps(recorded, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    print(table)
+    if problems:
+        print(f"  NOT USABLE: {'; '.join(problems)}")
+        return 1
+    return 0

@@ -106,11 +106,12 @@ def refused_address(address: str, allow_private: bool) -> Optional[str]:
         return "a cloud metadata address"
     if allow_private:
         return None
+    allow = " (--allow-private-networks allows it)"
     for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
         if getattr(ip, f"is_{kind}"):
-            return f"a {kind.replace('_', '-')} address"
+            return f"a {kind.replace('_', '-')} address{allow}"
     if not ip.is_global:
-        return "not a public address"
+        return f"not a public address{allow}"
     return None
 
 

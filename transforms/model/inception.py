@@ -313,14 +313,37 @@ def _imagenet_model() -> keras.Model:
     try:
         return _keras_model(EMBEDDING_SIZE_KERAS, weights=IMAGENET)
     except Exception as e:  # Keras' get_file raises a bare Exception when offline
-        home = os.environ.get("KERAS_HOME", os.path.join("~", ".keras"))
-        raise RuntimeError(
-            f"could not get Keras' ImageNet weights for InceptionResNetV2 ({e}). Keras downloads them once "
-            f"and caches them as {os.path.join(home, 'models', _IMAGENET_WEIGHTS_FILE)}; on an offline machine "
-            "copy that file there, or pass --inception-weights as a path to a Keras weights file "
-            "(.h5/.weights.h5/.keras) or a TF-slim checkpoint (inception_resnet_v2_2016_08_30.ckpt), or "
-            "'random' for a meaningless test embedding"
-        ) from e
+        raise RuntimeError(f"could not get Keras' ImageNet weights for InceptionResNetV2 ({e}). "
+                           f"{_imagenet_weights_hint()}") from e
+
+
+_KERAS_WEIGHTS_HOST = ("storage.googleapis.com", 443)  # where keras.utils.get_file fetches them from
+
+
+def _keras_cache_file() -> str:
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    return os.path.join(home, "models", _IMAGENET_WEIGHTS_FILE)
+
+
+def _imagenet_weights_hint() -> str:
+    return (f"Keras downloads them once and caches them as {_keras_cache_file()}; on an offline machine copy "
+            "that file there, or pass --inception-weights as a Keras weights file (.h5/.weights.h5/.keras), "
+            "the TF-slim checkpoint (inception_resnet_v2_2016_08_30.ckpt) or its .npz, or 'random' for a "
+            "meaningless test embedding")
+
+
+def check_imagenet_weights(timeout: float = 2.0) -> None:
+    """Raise ValueError, at once and in the launcher, when 'imagenet' weights can be neither found in
+    Keras' cache nor downloaded (no route to Keras' host); a worker would otherwise fail minutes later."""
+    if os.path.isfile(_keras_cache_file()):
+        return
+    import socket
+
+    try:
+        socket.create_connection(_KERAS_WEIGHTS_HOST, timeout=timeout).close()
+    except OSError:
+        raise ValueError(f"Keras' ImageNet weights are not cached and {_KERAS_WEIGHTS_HOST[0]} cannot be "
+                         f"reached. {_imagenet_weights_hint()}") from None
 
 
 def build_model(weights: str, precision: str = "float32") -> keras.Model:
