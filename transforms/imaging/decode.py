@@ -50,7 +50,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     width, height = img.size
     if width * height > max_pixels:
         raise DecodeError(f"decompression bomb: {width}x{height} = {width * height} pixels "
-                          f"exceeds the limit of {max_pixels}")
+                          f"exceeds the limit of {max_pixels} (--max-pixels raises it)")
     if width == 0 or height == 0:
         raise DecodeError(f"image has no pixels ({width}x{height})")
     return img

@@ -332,7 +332,7 @@ class Fetcher:
             refusal = robots_refusal(headers.get_all("x-robots-tag") or []) if cfg.respect_robots_tag else None
             if refusal:
                 body(discard=True)
-                raise Refused("robots", f"the server forbids AI use: {refusal}")
+                raise Refused("robots", f"the server forbids AI use: {refusal} (--ignore-robots-tag overrides it)")
             result.data = body()
             result.status, result.reason = "ok", ""
             result.content_type = headers.get("content-type", "")
