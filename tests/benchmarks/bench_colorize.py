@@ -1,7 +1,9 @@
 """Benchmark of `imagebeam colorize`: the CPU side against the reference method, and the embedding step.
 
 Workload: ImageNet-like JPEGs made from the real photos scikit-image and scikit-learn ship (random crops
-scaled to about 500x375, quality 90), all measured side by side in one run on this machine.
+scaled to about 500x375, quality 90), all measured side by side in one run on this machine, the whole
+run (this process, the job's runner and its SDK worker) pinned to one core (the last one this process
+may use; `--no-pin` to leave it free), with the load average printed before and after.
 
 1. Everything but the network, one core:
    - reference, as deep-koalarization's scripts do it: Pillow letterbox (`resize_contain`: copy,
@@ -10,26 +12,33 @@ scaled to about 500x375, quality 90), all measured side by side in one run on th
      `skimage.color.rgb2lab` in float64, and a `tf.train.Example` built from Python float lists;
    - reference, lean: the same without the intermediate JPEG and with anti_aliasing=False (the same
      maths as ours);
-   - ours, the job's functions in a loop (decode, letterbox, 224 resize, Lab, Example, TFRecord frame);
-   - ours, the real pipeline: `imagebeam colorize --embedding none` with 1 and with 2 SDK workers on a
-     folder of N images, end to end (start-up included) and steady state ((N2-N1)/(t2-t1)), with the
-     peak summed RSS of the job's whole process tree (runner + SDK workers, sampled every 0.1 s).
-   Also: the cost of encoding one Example, ours vs tf.train.Example from lists.
+   - ours, the job's functions in a loop (decode check, decode, letterbox, 224 resize, Lab, Example,
+     TFRecord frame);
+   - ours, the real pipeline: `imagebeam colorize --embedding none` with 1 SDK worker (and 2 with
+     `--no-pin`), exact and `--fast-decode`, on a folder of N images, end to end (start-up included) and
+     steady state ((N2-N1)/(t2-t1)), with the peak summed RSS of the job's whole process tree (runner +
+     SDK workers, sampled every 0.1 s).
+   Also: the cost of each step (Pillow's letterbox next to lanczos.py's), and `--fast-decode`'s pixel
+   error against the exact path (the 299 letterbox and the Lab values) on these JPEGs and on 1600x1200
+   ones, where DCT scaling applies (at 500x375 it cannot: the letterbox needs 299 of the 500 columns).
 2. The embedding: Inception-ResNet-v2 (random weights, same compiled call as the job) on this CPU, images/s
    at batch sizes 1, 8, 32, 64.
 
-    python tests/benchmarks/bench_colorize.py [--n 200] [--n1 100] [--n2 400] [--embed-images 64] [--json PATH]
+    python tests/benchmarks/bench_colorize.py [--n 200] [--n1 100] [--n2 400] [--embed-images 64] [--no-pin]
+                                              [--json PATH]
 
 --json PATH writes the summary bench_all.py tabulates (see common.summary): ours = the 1-worker
-pipeline's steady-state rate (`--embedding none`), per that one worker; reference = the reference as
-written, one core; 1->2 scaling = 2-worker / 1-worker steady rate; peak RSS = the largest over the
-pipeline runs.
+pipeline's steady-state rate (`--embedding none`), per that one worker (on one core when pinned);
+reference = the reference as written, one core; 1->2 scaling = 2-worker / 1-worker steady rate (only
+with --no-pin); peak RSS = the largest over the pipeline runs.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import os
+import random
+import shutil
 import sys
 import tempfile
 import time
@@ -42,8 +51,11 @@ from PIL import Image
 from imagebeam import sample as sample_lib
 from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats import lab_records, tfrecord
+from imagebeam.transforms.formats.lab_shards import FitParams
 from imagebeam.transforms.imaging.decode import decode_rgb
-from imagebeam.transforms.imaging.resize import letterbox
+from imagebeam.transforms.imaging.resize import letterbox, letterbox_array
+
+EXACT, FAST = FitParams(), FitParams(fast_decode=True)
 
 
 def reference_letterbox(data: bytes) -> Image.Image:
@@ -87,10 +99,11 @@ def reference_record(tf, data: bytes, emb, as_written: bool) -> bytes:
     return reference_example(tf, b"img", 2 * lab[:, :, 0] / 100 - 1, lab[:, :, 1:] / 127, emb)
 
 
-def our_record(data: bytes, emb) -> bytes:
-    rgb = np.asarray(letterbox(decode_rgb(data)))
-    l_norm, ab_norm = colour.lab_target(rgb)
-    colour.grey_uint8(rgb)  # the embedding branch's share of the CPU work
+def our_record(data: bytes, emb, params: FitParams = EXACT) -> bytes:
+    """What the job does per image with --embedding none: the staging's decode check, then after the merge
+    decode + letterbox, Lab, Example, frame (the grey Inception input is computed on the model's device)."""
+    params.check(data)
+    l_norm, ab_norm = colour.lab_target(params.fitted(data))
     return tfrecord.frame_record(lab_records.encode_example("img", l_norm, ab_norm, emb))
 
 
@@ -105,10 +118,42 @@ def rate(fn: Callable[[bytes], object], jpegs: List[bytes], repeat: int = 2) -> 
     return len(jpegs) / best
 
 
-def pipeline_run(folder: str, out: str, workers: int = 1) -> common.Measurement:
+def pipeline_run(folder: str, out: str, workers: int = 1, fast: bool = False) -> common.Measurement:
     cmd = [sys.executable, "-m", "imagebeam.cli", "colorize", "--input", folder, "--output", out,
-           "--embedding", "none", "--direct_num_workers", str(workers)]
-    return common.run_measured(cmd)
+           "--embedding", "none", "--direct_num_workers", str(workers)] + (["--fast-decode"] if fast else [])
+    try:
+        return common.run_measured(cmd)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # 606 KB a record: keep the disk free between runs
+
+
+def large_jpegs(n: int, size=(1600, 1200)) -> List[bytes]:
+    """Camera-sized JPEGs (random crops of the same real photos, scaled up), quality 90."""
+    photos, rng = sample_lib.load_photos(), random.Random(1)
+    return [sample_lib.jpeg_bytes(sample_lib.imagenet_like(photos[i % len(photos)], rng, size)) for i in range(n)]
+
+
+def fast_decode_error(jpegs: List[bytes]) -> dict:
+    """--fast-decode against the exact path: mean and max |difference| of the 299 letterbox (grey levels)
+    and of the Lab values (L in 0..100, a/b in their units), over all images."""
+    rgb_diffs, l_diffs, ab_diffs, scaled = [], [], [], 0
+    for data in jpegs:
+        exact, fast = EXACT.fitted(data), FAST.fitted(data)
+        scaled += decode_rgb(data, draft_size=FAST.draft).size != decode_rgb(data).size
+        rgb_diffs.append(np.abs(exact.astype(np.int16) - fast).ravel())
+        (l_e, ab_e), (l_f, ab_f) = colour.lab_target(exact), colour.lab_target(fast)
+        l_diffs.append(np.abs(l_e - l_f).ravel() * colour.L_SCALE)
+        ab_diffs.append(np.abs(ab_e - ab_f).ravel() * colour.AB_SCALE)
+    rgb, lum, ab = (np.concatenate(d) for d in (rgb_diffs, l_diffs, ab_diffs))
+    return {"images": len(jpegs), "dct_scaled": int(scaled), "rgb_mean": float(rgb.mean()),
+            "rgb_max": int(rgb.max()), "l_mean": float(lum.mean()), "l_max": float(lum.max()),
+            "ab_mean": float(ab.mean()), "ab_max": float(ab.max())}
+
+
+def print_fast_decode(label: str, err: dict) -> None:
+    print(f"  --fast-decode vs exact, {label}: {err['dct_scaled']} of {err['images']} DCT-scaled; 299 letterbox "
+          f"|diff| mean {err['rgb_mean']:.2f} max {err['rgb_max']} (of 255); Lab |diff| L mean "
+          f"{err['l_mean']:.3f} max {err['l_max']:.2f}, a/b mean {err['ab_mean']:.3f} max {err['ab_max']:.2f}")
 
 
 def write_folder(root: str, jpegs: List[bytes], n: int) -> str:
@@ -122,22 +167,25 @@ def write_folder(root: str, jpegs: List[bytes], n: int) -> str:
 def bench_cpu_side(args, tf) -> dict:
     jpegs = list(sample_lib.imagenet_like_jpegs(args.n, seed=0))
     emb = np.random.default_rng(0).normal(size=1001).astype(np.float32)
-    ref_written = rate(lambda d: reference_record(tf, d, emb, True), jpegs[: max(20, args.n // 4)], 1)
-    ref_lean = rate(lambda d: reference_record(tf, d, emb, False), jpegs[: max(20, args.n // 4)], 1)
+    n_ref = max(20, args.n // 4)
+    ref_written = rate(lambda d: reference_record(tf, d, emb, True), jpegs[:n_ref], 1)
+    ref_lean = rate(lambda d: reference_record(tf, d, emb, False), jpegs[:n_ref], 1)
     ours = rate(lambda d: our_record(d, emb), jpegs)
-    print(f"CPU side, one core, {args.n} JPEGs ~500x375 (reference loops on {max(20, args.n // 4)}):")
+    print(f"CPU side, {args.where}, {args.n} JPEGs ~500x375 (reference loops on {n_ref}):")
     print(f"  reference as written   {ref_written:8.1f} img/s")
     print(f"  reference lean         {ref_lean:8.1f} img/s")
     print(f"  ours (function loop)   {ours:8.1f} img/s   = {ours / ref_written:5.1f}x as written, "
           f"{ours / ref_lean:5.1f}x lean")
 
-    rgb = np.asarray(letterbox(decode_rgb(jpegs[0])))
+    img = decode_rgb(jpegs[0])
+    rgb = letterbox_array(img)
     l_norm, ab_norm = colour.lab_target(rgb)
     steps = {
+        "decode check (1/8 scale)": lambda: EXACT.check(jpegs[0]),
         "decode": lambda: decode_rgb(jpegs[0]),
-        "letterbox (Lanczos)": lambda: letterbox(decode_rgb(jpegs[0])),
+        "letterbox, Pillow": lambda: letterbox(img.copy()),
+        "letterbox, lanczos.py (same px)": lambda: letterbox_array(img),
         "224 resize + Lab": lambda: colour.lab_target(rgb),
-        "grey for Inception": lambda: colour.grey_uint8(rgb),
         "encode Example + frame (ours)": lambda: tfrecord.frame_record(
             lab_records.encode_example("img", l_norm, ab_norm, emb)),
         "tf.train.Example from lists": lambda: reference_example(tf, b"img", l_norm, ab_norm, emb),
@@ -149,22 +197,46 @@ def bench_cpu_side(args, tf) -> dict:
             fn()
         print(f"    {label:32s} {(time.perf_counter() - t) / 50 * 1e3:7.3f} ms")
 
+    big = large_jpegs(max(10, args.n // 10))
+    errors = {"500x375": fast_decode_error(jpegs), "1600x1200": fast_decode_error(big)}
+    for label, err in errors.items():
+        print_fast_decode(f"{label} JPEGs", err)
+    big_exact, big_fast = rate(lambda d: our_record(d, emb), big), rate(lambda d: our_record(d, emb, FAST), big)
+    print(f"  function loop on 1600x1200 JPEGs: exact {big_exact:.1f} img/s, --fast-decode {big_fast:.1f} img/s "
+          f"({big_fast / big_exact:.2f}x)")
+
+    runs = {"1 worker": (1, False), "1 worker, --fast-decode": (1, True)}
+    if not args.pinned:
+        runs["2 workers"] = (2, False)
     with tempfile.TemporaryDirectory() as tmp:
         folders = {n: write_folder(os.path.join(tmp, f"in{n}"), jpegs, n) for n in (args.n1, args.n2)}
-        states = {w: common.two_sizes(
-            lambda n, r: pipeline_run(folders[n], os.path.join(tmp, f"out{n}-{w}-{r}"), w),
-            args.n1, args.n2, args.repeat) for w in (1, 2)}
-    for w, st in states.items():
+        states = {label: common.two_sizes(
+            lambda n, r, w=w, fast=fast: pipeline_run(folders[n], os.path.join(tmp, f"out{n}-{w}-{r}"), w, fast),
+            args.n1, args.n2, args.repeat) for label, (w, fast) in runs.items()}
+    for label, st in states.items():
         steady = st.rate
-        print(f"  ours (pipeline, {w} worker{'s' if w > 1 else ''}, --embedding none): {args.n1} in "
+        print(f"  ours (pipeline, {label}, --embedding none): {args.n1} in "
               f"{st.walls[args.n1]:.1f} s, {args.n2} in {st.walls[args.n2]:.1f} s; end to end "
               f"{st.end_to_end(args.n2):.1f} img/s, steady state {steady:.1f} img/s = "
               f"{steady / ref_written:.1f}x as written, {steady / ref_lean:.1f}x lean; peak RSS "
               f"{st.peaks[args.n1] / common.MIB:.0f} MiB @ {args.n1}, {st.peaks[args.n2] / common.MIB:.0f} MiB @ "
               f"{args.n2}; CPU {st.cores_busy:.2f} cores busy (steady)")
-    scaling = common.ratio(states[2].rate, states[1].rate)
-    print(f"  ours (pipeline) 2 workers / 1 worker: {scaling or float('nan'):.2f}x")
-    return {"ref_written": ref_written, "ref_lean": ref_lean, "loop": ours, "states": states, "scaling": scaling}
+    scaling = common.ratio(states["2 workers"].rate, states["1 worker"].rate) if "2 workers" in states else None
+    if scaling is not None:
+        print(f"  ours (pipeline) 2 workers / 1 worker: {scaling:.2f}x")
+    return {"ref_written": ref_written, "ref_lean": ref_lean, "loop": ours, "states": states, "scaling": scaling,
+            "fast_decode_error": errors}
+
+
+def pin_to_one_core() -> str:
+    """Pin this process (and so the job's runner and SDK workers, which inherit it) to its last CPU."""
+    core = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return f"pinned to CPU {core}"
+
+
+def load_line(when: str) -> str:
+    return f"load average {when}: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"
 
 
 def bench_embedding(args) -> dict:
@@ -198,15 +270,20 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--embed-images", type=int, default=64)
     p.add_argument("--skip-embedding", action="store_true")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the run to one core (adds 2 workers)")
     p.add_argument("--json", default=None, metavar="PATH", help="write a summary dict (for bench_all.py)")
     args = p.parse_args(argv)
+    args.pinned = not args.no_pin
+    args.where = pin_to_one_core() if args.pinned else "not pinned"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     print(common.machine_line(common.machine()))
+    print(f"{args.where}; {load_line('before')}")
     cpu = bench_cpu_side(args, tf)
     embedding = None if args.skip_embedding else bench_embedding(args)
-    st1, n_ref = cpu["states"][1], max(20, args.n // 4)
+    print(load_line("after"))
+    st1, n_ref = cpu["states"]["1 worker"], max(20, args.n // 4)
     common.write_json(args.json, common.summary(
         "colorize", ours=st1.rate, cores_used=1,
         how=(f"steady-state rate (N2-N1)/(t2-t1) of `imagebeam colorize --embedding none "
@@ -220,11 +297,12 @@ def main(argv=None) -> None:
         scaling=cpu["scaling"], peak_rss=max(st.peak for st in cpu["states"].values()),
         peak_rss_how=(f"largest summed RSS of the job's process tree (runner + SDK workers), sampled every "
                       f"{common.SAMPLE_S} s, over the pipeline runs (1 and 2 workers, N1 and N2)"),
-        steady_images_per_s={f"{w} worker(s)": st.rate for w, st in cpu["states"].items()},
-        end_to_end_images_per_s={f"{w} worker(s)": {str(n): st.end_to_end(n) for n in (args.n1, args.n2)}
-                                 for w, st in cpu["states"].items()},
-        peak_rss_mib_by_run={f"{w} worker(s)": {str(n): st.peaks[n] / common.MIB for n in (args.n1, args.n2)}
-                             for w, st in cpu["states"].items()},
+        steady_images_per_s={label: st.rate for label, st in cpu["states"].items()},
+        end_to_end_images_per_s={label: {str(n): st.end_to_end(n) for n in (args.n1, args.n2)}
+                                 for label, st in cpu["states"].items()},
+        peak_rss_mib_by_run={label: {str(n): st.peaks[n] / common.MIB for n in (args.n1, args.n2)}
+                             for label, st in cpu["states"].items()},
+        pinned=args.where, fast_decode_error=cpu["fast_decode_error"],
         cores_busy_steady=st1.cores_busy, images_per_cpu_s_steady=st1.per_cpu_s,
         reference_lean_images_per_s=cpu["ref_lean"], function_loop_images_per_s=cpu["loop"],
         embedding_images_per_s_by_batch=embedding,
@@ -232,7 +310,7 @@ def main(argv=None) -> None:
             f"--embedding none; the 1-worker job kept {common.fmt(st1.cores_busy)} cores busy",
             f"function loop {cpu['loop']:.0f}/s ({cpu['loop'] / cpu['ref_written']:.1f}x ref)",
             f"reference lean {cpu['ref_lean']:.0f}/s", f"N={args.n1}/{args.n2}",
-            common.unmeasurable({f"{w} worker(s)": st for w, st in cpu["states"].items()}))))))
+            common.unmeasurable(cpu["states"]))))))
 
 
 if __name__ == "__main__":

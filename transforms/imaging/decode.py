@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +20,13 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
+# A JPEG draft request: a (width, height) to stay at least as large as, or a function of the header's
+# (width, height) giving one (the letterbox's content size depends on the image's aspect ratio).
+DraftSize = Union[Tuple[int, int], Callable[[int, int], Tuple[int, int]]]
+# The smallest request: libjpeg's 1/8 scale. Every entropy-coded byte is still read, so a truncated or
+# corrupt file fails as it would at full size; the inverse DCT, upsampling and colour conversion shrink 64x.
+CHECK_DRAFT = (1, 1)
+
 
 class DecodeError(ValueError):
     """An input that cannot become an RGB image; the message is the reason users read."""
@@ -29,17 +36,18 @@ def open_image(
     data: bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft_size: Optional[Tuple[int, int]] = None,
+    draft_size: Optional[DraftSize] = None,
 ) -> Image.Image:
     """Decode `data` by content and return a fully loaded Pillow image (any mode).
 
     `draft_size` asks libjpeg for DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale that is
-    still at least that size: the `--fast-decode` path. It is ignored for non-JPEG images.
+    still at least that size (or at least what it returns for the image's size): the `--fast-decode`
+    path. It is ignored for non-JPEG images.
     """
     with _decoding(data):
         img = _open_checked(data, max_pixels)
         if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", draft_size)
+            img.draft("RGB", draft_size(*img.size) if callable(draft_size) else draft_size)
         img.load()
     return img
 
@@ -106,7 +114,7 @@ def decode_rgb(
     data: bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft_size: Optional[Tuple[int, int]] = None,
+    draft_size: Optional[DraftSize] = None,
     exif_transpose: bool = False,
 ) -> Image.Image:
     """Bytes to an RGB image: `open_image` then `to_rgb`; raises DecodeError with a reason."""

@@ -1,0 +1,132 @@
+"""Pillow's Lanczos resampling of RGB uint8 images, bit for bit, as two sparse matrix products.
+
+Pillow (`src/libImaging/Resample.c`) resamples in two passes, horizontal then vertical. For each output
+pixel, `precompute_coeffs` takes the input pixels within 3 * max(scale, 1) of its centre, weighs them with
+sinc(x) sinc(x/3) and divides by their sum; `normalize_coeffs_8bpc` turns the weights into integers of
+PRECISION_BITS = 22 fractional bits (rounded half away from zero); each pass sums pixel * weight in integers
+starting from 1 << 21 and keeps `clip8(sum >> 22)` as uint8, the input of the next pass.
+
+Here each pass is one scipy CSR matrix (output pixels x input pixels, the same integer weights) times the
+image with that axis first, in float64: every product and partial sum is an integer below 2^53, so the sums
+are exact whatever the order, and the rounding is Pillow's. The pass loops of Pillow are scalar C; the sparse
+product streams whole rows (width x 3 values) per weight: 500x375 -> 299x224 in about 1.1 ms instead of
+Pillow's 1.8 ms on this project's machine. Equality with
+Pillow is tested on thousands of real crops (tests/test_lanczos.py). The weights depend only on the sizes,
+so they are memoised (a bounded cache of a pure function: it never changes a result).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+import scipy.sparse
+from PIL import Image
+
+PRECISION_BITS = 32 - 8 - 2
+SUPPORT = 3.0   # Lanczos-3, Pillow's LANCZOS filter support
+_NUDGE = 2.0 ** -(PRECISION_BITS + 1)
+
+Box = Tuple[float, float, float, float]
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    """sinc(x) * sinc(x / 3) on [-3, 3), 0 elsewhere, with Pillow's operation order (sin(pi x) / (pi x))."""
+    def sinc(v: np.ndarray) -> np.ndarray:
+        pv = v * math.pi
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(v == 0.0, 1.0, np.sin(pv) / pv)
+
+    return np.where((x >= -SUPPORT) & (x < SUPPORT), sinc(x) * sinc(x / 3.0), 0.0)
+
+
+@functools.lru_cache(maxsize=512)
+def pass_matrix(in_size: int, in0: float, in1: float, out_size: int) -> scipy.sparse.csr_matrix:
+    """The (out_size x in_size) matrix of Pillow's integer Lanczos weights / 2^22 for one axis and box [in0, in1).
+
+    Mirrors precompute_coeffs + normalize_coeffs_8bpc: the box edges are C floats (float32), the centre,
+    window and weights doubles, the window bounds truncated like C's (int) casts.
+    """
+    in0_f, in1_f = np.float32(in0), np.float32(in1)
+    scale = float(np.float32(in1_f - in0_f)) / out_size
+    filterscale = max(scale, 1.0)
+    support = SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = float(in0_f) + (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64) - xmin
+    taps = np.arange(ksize)
+    valid = taps[None, :] < xmax[:, None]
+    w = _lanczos(((taps[None, :] + xmin[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))
+    w = np.where(valid, w, 0.0)
+    ww = np.zeros(out_size)
+    for k in range(ksize):          # C's left-to-right sum, not numpy's pairwise one
+        ww += w[:, k]
+    w = np.where(ww[:, None] != 0.0, w / np.where(ww == 0.0, 1.0, ww)[:, None], w)
+    fixed = np.where(w < 0, np.trunc(-0.5 + w * (1 << PRECISION_BITS)), np.trunc(0.5 + w * (1 << PRECISION_BITS)))
+    rows = np.broadcast_to(np.arange(out_size)[:, None], (out_size, ksize))[valid]
+    cols = (taps[None, :] + xmin[:, None])[valid]
+    weights = fixed[valid] * 2.0 ** -PRECISION_BITS     # exact; see _pass_rows
+    return scipy.sparse.csr_matrix((weights, (rows, cols)), shape=(out_size, in_size))
+
+
+def _pass_rows(planes: np.ndarray, matrix: scipy.sparse.csr_matrix) -> np.ndarray:
+    """One Pillow pass along axis 0 of a (n, m, 3) uint8 array: (out, m, 3) uint8.
+
+    The matrix holds weight / 2^22 (exact: a power of two), so a product is sum / 2^22, a multiple of 2^-22;
+    clip8(sum + 2^21 >> 22) = floor(v + 1/2) is then OpenCV's saturating round-to-nearest of v + 2^-23, which
+    can never be a tie: one pass that rounds, clips and narrows to uint8.
+    """
+    n, m, c = planes.shape
+    scaled_sums = matrix @ planes.reshape(n, m * c).astype(np.float64)
+    return cv2.add(scaled_sums, _NUDGE, dtype=cv2.CV_8U).reshape(matrix.shape[0], m, c)
+
+
+def _transpose(rgb: np.ndarray) -> np.ndarray:
+    """(h, w, 3) -> (w, h, 3), contiguous (OpenCV moves 3-byte pixels several times faster than numpy)."""
+    return cv2.transpose(np.ascontiguousarray(rgb))
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(w: int, h: int, size: Tuple[int, int], box: Box):
+    """(horizontal matrix or None, first and last input row it needs, vertical matrix or None)."""
+    out_w, out_h = size
+    x0, y0, x1, y1 = box
+    # ImagingResample: an axis whose size and box are unchanged is not resampled.
+    need_horizontal = out_w != w or x0 != 0 or x1 != out_w
+    need_vertical = out_h != h or y0 != 0 or y1 != out_h
+    vertical = pass_matrix(h, y0, y1, out_h) if need_vertical else None
+    first, last = 0, h
+    if need_horizontal and vertical is not None:
+        # Pillow resamples only the rows the vertical pass reads, and shifts the vertical window.
+        first, last = int(vertical.indices.min()), int(vertical.indices.max()) + 1
+        vertical = vertical[:, first:last]
+    horizontal = pass_matrix(w, x0, x1, out_w) if need_horizontal else None
+    return horizontal, first, last, vertical
+
+
+def resample(rgb: np.ndarray, size: Tuple[int, int], box: Optional[Box] = None) -> np.ndarray:
+    """`Image.fromarray(rgb).resize(size, LANCZOS, box)` without Pillow's reducing_gap: RGB uint8 in and out.
+
+    `size` is (width, height) and `box` (left, top, right, bottom) in input pixels, as Pillow takes them.
+    Like Image.resize, a strip over 100 times taller than wide is shrunk in height first, then in width.
+    """
+    h, w = rgb.shape[:2]
+    box = (0.0, 0.0, float(w), float(h)) if box is None else tuple(float(v) for v in box)
+    if h > w * 100 and size[1] < h:
+        rgb = _resample(rgb, (w, size[1]), (0.0, box[1], float(w), box[3]))
+        return _resample(rgb, tuple(size), (box[0], 0.0, box[2], float(size[1])))
+    return _resample(rgb, tuple(size), box)
+
+
+def _resample(rgb: np.ndarray, size: Tuple[int, int], box: Box) -> np.ndarray:
+    """ImagingResample: the horizontal pass (on the transposed image), then the vertical one."""
+    h, w = rgb.shape[:2]
+    horizontal, first, last, vertical = _plan(w, h, size, box)
+    if horizontal is not None:  # on the transposed image, so that the pass runs along axis 0
+        rgb = _transpose(_pass_rows(_transpose(rgb[first:last]), horizontal))
+    if vertical is not None:
+        rgb = _pass_rows(rgb, vertical)
+    return np.array(rgb, order="C")
