@@ -22,12 +22,11 @@ not fetched), or by the download already in flight in the worker.
 """
 from __future__ import annotations
 
-import concurrent.futures as futures
 import itertools
 import json
 import queue
 from collections import Counter, OrderedDict
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -152,6 +151,7 @@ class _OpenShard:
         self.id, self.listed, self.repeated, self.journal = shard_id, listed, repeated, journal
         self.results: List[Tuple[UrlEntry, Optional[dict], str]] = []   # (entry, record or None = kept, by)
         self.pending = 0
+        self.sealed = False   # every URL of the shard has been started (only then can it close)
 
 
 def first_entries(entries: Iterable[UrlEntry]) -> "OrderedDict[str, UrlEntry]":
@@ -224,6 +224,7 @@ class FetchShardsFn(FetchingDoFn):
             while self._in_flight >= 2 * self._config.threads:
                 self._take(block=True)
             yield from self._emit()
+        shard_state.sealed = True
         self._close_if_done(shard_state)
         while len(self._open) > OPEN_SHARDS:
             self._take(block=True)
@@ -281,7 +282,7 @@ class FetchShardsFn(FetchingDoFn):
 
     def _close_if_done(self, shard: _OpenShard) -> None:
         """A shard with nothing in flight: its run file, then its marker; its journal is no longer needed."""
-        if shard.pending or shard.id not in self._open:
+        if shard.pending or not shard.sealed or shard.id not in self._open:
             return
         del self._open[shard.id]
         entries = []

@@ -19,8 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -30,8 +29,8 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from imagebeam.transforms.imaging.decode import DecodeError, probe_image
-from imagebeam.transforms.inputs.fetch import FetchConfig, Fetcher, is_transient
-from imagebeam.transforms.bookkeeping.fileutil import delete_existing, join, write_atomically
+from imagebeam.transforms.inputs.fetch import FetchConfig, Fetcher
+from imagebeam.transforms.bookkeeping.fileutil import join, write_atomically
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob
 from imagebeam.transforms.inputs.url_lists import UrlEntry, url_md5

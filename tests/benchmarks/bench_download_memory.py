@@ -1,0 +1,102 @@
+"""Memory of `imagebeam download` against the list's length: lists whose URLs are all refused without traffic.
+
+Every URL is an ImageNet-style line (`n00000042_7<TAB>http://10.x.y.z/...jpg`) on a private address, so the
+job's safety check refuses it before any connection (`blocked`), and the run is inside a network
+namespace of its own (`unshare -n`) where one is available, so no packet can leave. What is left is what
+grows with the list: reading and cutting it, the per-URL bookkeeping, the merges and the manifest.
+
+    python tests/benchmarks/bench_download_memory.py [--sizes 200000 2000000] [--json PATH]
+
+Prints, per size, the peak RSS of the job's whole process tree (sampled every 0.1 s), wall time and lines/s;
+then the growth per line between the two sizes, the projection to fall11_urls.txt (14,197,122 lines) and
+the ratio of the two peaks (the goal: under 1 GiB at any size, 10x the lines at most 10% more memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import List, NamedTuple
+
+import common
+
+FALL11_LINES = 14_197_122
+GOAL_BYTES = 2 ** 30
+
+
+def write_refused_list(path: str, n: int) -> None:
+    """n fall11-style lines, every URL on a private 10.x.y.z address (refused before any traffic)."""
+    with open(path, "w") as f:
+        for start in range(0, n, 100_000):
+            f.write("".join(f"n{i % 21841:08d}_{i}\thttp://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/"
+                            f"images/{i:09d}.jpg\n" for i in range(start, min(n, start + 100_000))))
+
+
+def isolated() -> List[str]:
+    """`unshare -n` (a network namespace with nothing in it) when this machine allows it, else nothing."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n"]
+    return []
+
+
+class MemoryRun(NamedTuple):
+    lines: int
+    peak_rss: int
+    wall: float
+    counts: dict
+    command: List[str]
+
+
+def measure(n: int, workdir: str, extra: List[str] = ()) -> MemoryRun:
+    """`imagebeam download` on an n-line refused list, its process tree's RSS sampled throughout."""
+    listing, out = os.path.join(workdir, f"refused-{n}.txt"), os.path.join(workdir, f"out-{n}")
+    write_refused_list(listing, n)
+    cmd = [*isolated(), sys.executable, "-m", "imagebeam.cli", "download", "--input", listing, "--output", out,
+           *extra]
+    run = common.run_measured(cmd)
+    with open(os.path.join(out, "metadata.json")) as f:
+        counts = json.load(f)["counts"]
+    shutil.rmtree(out, ignore_errors=True)
+    os.remove(listing)
+    return MemoryRun(n, run.peak_rss, run.wall, counts, cmd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs=2, default=[200_000, 2_000_000])
+    ap.add_argument("--json", default=None, metavar="PATH", help="write a summary dict")
+    args = ap.parse_args()
+    print(common.machine_line(common.machine()))
+    print(f"network: {'inside unshare -n' if isolated() else 'no unshare: private addresses refused by the job'}")
+    work = tempfile.mkdtemp(prefix="bench-download-memory-")
+    runs = []
+    try:
+        for n in args.sizes:
+            r = measure(n, work)
+            runs.append(r)
+            assert r.counts["listed"] == n and r.counts["ok"] == 0, r.counts
+            print(f"{n:>10,} lines: peak RSS {r.peak_rss / common.MIB:7.1f} MiB, {r.wall:7.1f} s, "
+                  f"{n / r.wall:9,.0f} lines/s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    small, large = runs
+    growth = (large.peak_rss - small.peak_rss) / (large.lines - small.lines)
+    projected = large.peak_rss + growth * (FALL11_LINES - large.lines)
+    ratio = large.peak_rss / small.peak_rss
+    print(f"growth {growth:.1f} bytes/line; projected for {FALL11_LINES:,} lines: {projected / common.MIB:.0f} MiB; "
+          f"{large.lines // small.lines}x the lines: {ratio:.3f}x the peak "
+          f"({'meets' if projected < GOAL_BYTES and ratio <= 1.10 else 'misses'} the goal: < 1 GiB, <= 1.10x)")
+    print(f"command: {' '.join(large.command[:-4])} --input LIST --output DIR")
+    common.write_json(args.json, {
+        "job": "download-memory", "sizes": [r.lines for r in runs],
+        "peak_rss_mib": [r.peak_rss / common.MIB for r in runs], "wall_s": [r.wall for r in runs],
+        "lines_per_s": [r.lines / r.wall for r in runs], "growth_bytes_per_line": growth,
+        "projected_fall11_mib": projected / common.MIB, "peak_ratio": ratio, "machine": common.machine()})
+
+
+if __name__ == "__main__":
+    main()
