@@ -73,19 +73,20 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
               | "WritePieces" >> staging.MergeBucketRanges(
                   shards.state_path(output, shards.PIECES),
                   functools.partial(shards.write_piece, output=output), shards.MERGE_ENTRIES))
-    counts = {"lists": summaries | "CountLines" >> beam.CombineGlobally(shards.sum_counts),
-              "urls": merged | "CountUrls" >> beam.CombineGlobally(shards.sum_counts)}
+    counts = {"lists": summaries | "LineCounts" >> beam.Map(shards.counts_only),
+              "urls": merged | "UrlCounts" >> beam.Map(shards.counts_only)}
     _ = (p | "Once" >> beam.Create([None])
          | "WriteManifest" >> beam.Map(finish, output, job_facts(args), beam.pvalue.AsList(pieces),
-                                       **{k: beam.pvalue.AsSingleton(v) for k, v in counts.items()}))
+                                       **{k: beam.pvalue.AsList(v) for k, v in counts.items()}))
 
 
 class CountsDontAddUp(RuntimeError):
     pass
 
 
-def finish(_, output: str, facts: dict, pieces: list, lists: dict, urls: dict) -> dict:
+def finish(_, output: str, facts: dict, pieces: list, lists: list, urls: list) -> dict:
     """manifest.jsonl from the pieces (in bucket order), then metadata.json; the job's state goes last."""
+    lists, urls = shards.sum_counts(lists), shards.sum_counts(urls)
     statuses = dict(sorted(shards.sum_counts(piece["statuses"] for piece in pieces).items()))
     n_urls = sum(statuses.values())
     listed, repeated = lists.get("listed", 0), lists.get("repeated", 0) + urls.get("repeated", 0)

@@ -11,9 +11,14 @@ and written to disk.
 3. ours, the job: `imagebeam download` as a command (local runner, in-process: in_memory mode), wall time
    from start to finish including Beam's start-up and the manifest, and the download phase alone
    (first to last file written); with the peak summed RSS of the job's process tree (sampled every
-   0.1 s) and the CPU it used during the download phase.
+   0.1 s) and the CPU it used during the download phase;
+4. img2dataset (the peer: shards of 10,000 in a process pool), same list, same server, whole run, in a venv
+   of its own (`--img2dataset-venv`, created with pip if missing): `--resize_mode no
+   --disable_all_reencoding True --output_format files` (it stores the served bytes, as we do; it does
+   not decode them), `--thread_count THREADS`, each `--i2d-processes` value (1 and the core count).
 
     python tests/benchmarks/bench_download.py [--n 2000] [--latency 0.1] [--sequential 150] [--threads 128]
+                                              [--img2dataset-venv /tmp/i2d-venv] [--i2d-processes 1 2]
                                               [--json PATH]
 
 --json PATH writes the summary bench_all.py tabulates (see common.summary). The job runs in-process (the
@@ -34,7 +39,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import List
+from typing import List, Optional
 
 import common
 from PIL import Image
@@ -97,12 +102,41 @@ def job(listing: str, out: str, threads: int) -> dict:
             "phase_cores_busy": run.cpu_between(mtimes[0], mtimes[-1]) / phase if phase > 0 else float("nan")}
 
 
+def img2dataset_command(venv: str) -> Optional[List[str]]:
+    """img2dataset from its own venv (created with pip when missing: its pins are not the project's)."""
+    exe = os.path.join(venv, "bin", "img2dataset")
+    if not os.path.exists(exe):
+        made = subprocess.run([sys.executable, "-m", "venv", venv]).returncode == 0 and subprocess.run(
+            [os.path.join(venv, "bin", "pip"), "install", "-q", "img2dataset"]).returncode == 0
+        if not made:
+            return None
+    return [exe]
+
+
+def img2dataset(command: List[str], listing: str, out: str, threads: int, processes: int) -> dict:
+    """One whole img2dataset run; images/s = successes (from its *_stats.json) / wall time."""
+    run = common.run_measured([*command, "--url_list", listing, "--output_folder", out, "--input_format", "txt",
+                               "--resize_mode", "no", "--disable_all_reencoding", "True", "--output_format", "files",
+                               "--processes_count", str(processes), "--thread_count", str(threads),
+                               "--timeout", "10", "--retries", "0", "--enable_wandb", "False"],
+                              env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    ok = 0
+    for name in os.listdir(out):
+        if name.endswith("_stats.json"):
+            with open(os.path.join(out, name)) as f:
+                ok += json.load(f)["successes"]
+    return {"wall": run.wall, "ok": ok, "peak_rss": run.peak_rss, "processes": processes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--sequential", type=int, default=150, help="URLs for the sequential baseline")
     ap.add_argument("--threads", type=int, default=128, help="threads (and per-host limit) per worker")
+    ap.add_argument("--img2dataset-venv", default="/tmp/i2d-venv", help="img2dataset's own venv (made if missing)")
+    ap.add_argument("--i2d-processes", type=int, nargs="*", default=None,
+                    help="img2dataset --processes_count values to run (default: 1 and the core count)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write a summary dict (for bench_all.py)")
     args = ap.parse_args()
     machine = common.machine()
@@ -141,6 +175,20 @@ def main() -> None:
         print(f"ours, imagebeam download, peak RSS of the job's process tree "
               f"{result['peak_rss'] / common.MIB:.0f} MiB, CPU {result['cpu_s']:.1f} s in all, "
               f"{result['phase_cores_busy']:.2f} cores busy in the download phase")
+        peer = img2dataset_command(args.img2dataset_venv)
+        peers = []
+        for processes in (args.i2d_processes if args.i2d_processes is not None
+                          else sorted({1, os.cpu_count() or 1})) if peer else []:
+            r = img2dataset(peer, listing, os.path.join(work, f"i2d-{processes}"), args.threads, processes)
+            peers.append(r)
+            print(f"img2dataset, --processes_count {processes} --thread_count {args.threads}, wall incl. start-up "
+                  f"({r['ok']}/{args.n} ok, {r['wall']:.1f} s): {r['ok'] / r['wall']:8.1f} images/s; "
+                  f"ours / it: {end_to_end / (r['ok'] / r['wall']):.2f}x")
+        best_peer = max((r["ok"] / r["wall"] for r in peers), default=None)
+        if best_peer:
+            print(f"ours / img2dataset's best, whole run: {end_to_end / best_peer:.2f}x")
+        else:
+            print("img2dataset: not available (no venv and pip could not install it)")
         check = [url_md5(u) + ".jpeg" for u in urls[:3]]
         for name, i in zip(check, range(3)):
             with open(os.path.join(work, "job", name), "rb") as a, open(os.path.join(root, f"img{i:05d}.jpg"), "rb") as b:
@@ -164,6 +212,8 @@ def main() -> None:
             peak_rss_how=(f"largest summed RSS of the job's process tree (the one process and any children), "
                           f"sampled every {common.SAMPLE_S} s, over the job run"),
             end_to_end_images_per_s=end_to_end, fetcher_alone_images_per_s=alone,
+            img2dataset_images_per_s={r["processes"]: r["ok"] / r["wall"] for r in peers},
+            ratio_to_img2dataset=common.ratio(end_to_end, best_peer),
             phase_cores_busy=result["phase_cores_busy"], job_cpu_s=result["cpu_s"],
             latency_s=args.latency, n=args.n,
             notes=(f"in-process job, {args.threads} threads, {args.latency * 1000:.0f} ms latency per response, "

@@ -496,7 +496,8 @@ def plan_bucket_ranges(summaries: Iterable[dict], max_entries: int) -> List[Buck
 
 class MergeBucketRanges(MergeBuckets):
     """MergeBuckets over ranges of consecutive buckets (`plan_bucket_ranges`): few tasks for a small
-    dataset, about `max_entries` entries per task for a large one."""
+    dataset, about `max_entries` entries per task for a large one. The summaries are gathered under one
+    key (no output for none: nothing to merge), a third of ToList's transforms and stages."""
 
     def __init__(self, staging: str, merge_fn: Callable[..., Iterator[Any]], max_entries: int,
                  resumable: bool = True, side_inputs: Sequence[Any] = ()):
@@ -506,7 +507,8 @@ class MergeBucketRanges(MergeBuckets):
     def expand(self, summaries):
         max_entries = self._max_entries
         return (summaries
-                | "AllSummaries" >> beam.combiners.ToList()
-                | "PlanRanges" >> beam.FlatMap(lambda s: plan_bucket_ranges(s, max_entries))
+                | "OneKey" >> beam.Map(lambda s: (None, s))
+                | "AllSummaries" >> beam.GroupByKey()
+                | "PlanRanges" >> beam.FlatMapTuple(lambda _, s: plan_bucket_ranges(s, max_entries))
                 | "SpreadRanges" >> beam.Reshuffle()
                 | "MergeRange" >> beam.ParDo(self._fn, *_side_args(self._side)))

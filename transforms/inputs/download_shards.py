@@ -233,12 +233,12 @@ class FetchShardsFn(FetchingDoFn):
 
     def _start(self, shard: _OpenShard, entry: UrlEntry, journaled: Optional[dict],
                previous: Optional[Tuple[int, int]], resumed: bool) -> None:
-        """Settle one URL now (kept, refused) or put it in flight."""
+        """Settle one URL now (kept, refused) or put it in flight. Nothing here waits on the file system:
+        a syscall on this thread gives the GIL to the pool's threads, and the pool then starves."""
         if journaled is not None:
             shard.results.append((entry, journaled, ""))
             return
-        md5 = url_md5(entry.url)
-        if previous is not None and self._previous_still_final(md5, *previous):
+        if previous is not None and previous[0] == 0:   # a final failure of a finished run: kept as it is
             shard.results.append((entry, None, ""))
             return
         record = refused(entry, self._config)
@@ -251,15 +251,19 @@ class FetchShardsFn(FetchingDoFn):
             self._waiting[entry.url].append((shard, entry))
             return
         self._waiting[entry.url] = []
-        existing = self._stored(md5, every_extension=resumed)
-        future = self._pool.submit(self._work, shard.journal, entry, existing)
+        future = self._pool.submit(self._work, shard.journal, entry, previous, resumed)
         future.add_done_callback(lambda f, s=shard: self._done.put((s, f)))
         self._in_flight += 1
 
-    def _work(self, journal: Journal, entry: UrlEntry, existing: Optional[str]) -> Downloaded:
-        result = download_one(entry, self._fetcher, self._output, existing, self._full_decode)
+    def _work(self, journal: Journal, entry: UrlEntry, previous: Optional[Tuple[int, int]],
+              resumed: bool) -> Tuple[UrlEntry, Optional[Downloaded]]:
+        """(entry, None) when a finished run's ok record still holds (its file is there), else the download."""
+        md5 = url_md5(entry.url)
+        if previous is not None and self._previous_still_final(md5, *previous):
+            return entry, None
+        result = download_one(entry, self._fetcher, self._output, self._stored(md5, resumed), self._full_decode)
         journal.add(result.record)
-        return result
+        return entry, result
 
     def _take(self, block: bool) -> None:
         """Record finished downloads: all that are ready, waiting for one first when `block`."""
@@ -270,13 +274,17 @@ class FetchShardsFn(FetchingDoFn):
                 return
             block = False
             self._in_flight -= 1
-            result = self._count(future.result())
-            self._finish_one(shard, result.entry, result.record)
-            for other, entry in self._waiting.pop(result.entry.url, []):
-                self._finish_one(other, entry, dict(result.record, key=entry.key, label=entry.label))
+            entry, result = future.result()
+            if result is None:
+                self._finish_one(shard, entry, None, "")
+            else:
+                self._finish_one(shard, entry, self._count(result).record, self._run_id)
+            for other, repeat in self._waiting.pop(entry.url, []):
+                record = None if result is None else dict(result.record, key=repeat.key, label=repeat.label)
+                self._finish_one(other, repeat, record, "" if result is None else self._run_id)
 
-    def _finish_one(self, shard: _OpenShard, entry: UrlEntry, record: dict) -> None:
-        shard.results.append((entry, record, self._run_id))
+    def _finish_one(self, shard: _OpenShard, entry: UrlEntry, record: Optional[dict], by: str) -> None:
+        shard.results.append((entry, record, by))
         shard.pending -= 1
         self._close_if_done(shard)
 
@@ -455,9 +463,14 @@ def write_piece(task: BucketTask, entries: List[Tuple[bytes, bytes]], output: st
     yield {"bucket": task.bucket, "path": path, "statuses": dict(statuses)}
 
 
+def counts_only(part: dict) -> dict:
+    """The numeric fields of a shard summary or merge output (what the final counts add up)."""
+    return {k: v for k, v in part.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
 def sum_counts(parts: Iterable[dict]) -> dict:
     """Numeric fields summed over dicts (shard summaries, merge outputs); other fields are ignored."""
     total: Counter = Counter()
     for part in parts:
-        total.update({k: v for k, v in part.items() if isinstance(v, int) and not isinstance(v, bool)})
+        total.update(counts_only(part))
     return dict(total)

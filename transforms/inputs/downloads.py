@@ -168,6 +168,12 @@ class FetchingDoFn(beam.DoFn):
     def setup(self):
         self._fetcher = Fetcher(self._config)
         self._pool = futures.ThreadPoolExecutor(self._config.threads, thread_name_prefix="fetch")
+        # Start every thread now, while nothing else runs: started on demand, each start waits for the
+        # GIL behind the busy ones (a few ms apiece with 128 threads).
+        ready = threading.Event()
+        for _ in range(self._config.threads):
+            self._pool.submit(ready.wait)
+        ready.set()
 
     def _count(self, result: Downloaded) -> Downloaded:
         """Counters are updated here, on the bundle's thread (Beam's metrics are per thread)."""
