@@ -96,3 +96,37 @@ def test_fast_decode_is_close_and_smaller_work(good_jpeg):
 def test_unknown_algorithm_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown resize algorithm"):
         resize.resample_filter("bogus")
+
+
+def _outcome(data, draft):
+    try:
+        decode.decode_rgb(data, draft_size=draft)
+        return "ok"
+    except decode.DecodeError as exc:
+        return str(exc).split(":")[0]
+
+
+def test_check_at_one_eighth_fails_where_the_full_decode_fails(good_jpeg):
+    """colorize's staging checks JPEGs at 1/8 scale (CHECK_DRAFT): every entropy-coded byte is still read,
+    so each input must fail (with the same reason) or pass exactly as the full decode does."""
+    inputs = {**sample_lib.oddities(), **sample_lib.bad_inputs(good_jpeg), "good.jpg": good_jpeg}
+    for cut in (0.05, 0.3, 0.6, 0.9, 0.99):
+        inputs[f"cut{cut}"] = good_jpeg[: int(len(good_jpeg) * cut)]
+    inputs["no_eoi"] = good_jpeg[:-2]
+    garbled = bytearray(good_jpeg)
+    garbled[len(garbled) // 2: len(garbled) // 2 + 64] = bytes(range(64))
+    inputs["garbled"] = bytes(garbled)
+    for name, data in inputs.items():
+        assert _outcome(data, None) == _outcome(data, decode.CHECK_DRAFT), name
+
+
+def test_letterbox_draft_keeps_the_content_size_covered():
+    """--fast-decode on colorize: DCT scaling stops while the image still covers the letterbox's content."""
+    photo = sample_lib.load_photos()[1].convert("RGB")
+    for size, decoded in [((1600, 1200), (400, 300)), ((500, 375), (500, 375)), ((1200, 400), (300, 100)),
+                          ((3000, 3000), (375, 375))]:
+        data = sample_lib.jpeg_bytes(photo.resize(size))
+        img = decode.decode_rgb(data, draft_size=lambda w, h: resize.fit_draft_size(w, h, 299, "letterbox"))
+        assert img.size == decoded, size
+        content = resize.thumbnail_size(*size, 299)
+        assert img.size[0] >= content[0] and img.size[1] >= content[1]

@@ -42,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, List
+from typing import Callable, List, NamedTuple
 
 import common
 import numpy as np
@@ -107,15 +107,28 @@ def our_record(data: bytes, emb, params: FitParams = EXACT) -> bytes:
     return tfrecord.frame_record(lab_records.encode_example("img", l_norm, ab_norm, emb))
 
 
-def rate(fn: Callable[[bytes], object], jpegs: List[bytes], repeat: int = 2) -> float:
-    """Images per second of fn over the JPEGs, best of `repeat` passes."""
-    best = float("inf")
+class Rate(NamedTuple):
+    """Images per wall second and per CPU second of this process (the core's share it really got: other
+    users of a shared machine move the first, much less the second)."""
+    wall: float
+    cpu: float
+
+    def __truediv__(self, other: "Rate") -> "Rate":
+        return Rate(self.wall / other.wall, self.cpu / other.cpu)
+
+    def text(self, unit: str = "img/s") -> str:
+        return f"{self.wall:7.1f} {unit} wall, {self.cpu:7.1f} per CPU-s"
+
+
+def rate(fn: Callable[[bytes], object], jpegs: List[bytes], repeat: int = 2) -> Rate:
+    """Rates of fn over the JPEGs, best of `repeat` passes (each clock's best)."""
+    wall = cpu = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for data in jpegs:
             fn(data)
-        best = min(best, time.perf_counter() - t)
-    return len(jpegs) / best
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return Rate(len(jpegs) / wall, len(jpegs) / cpu)
 
 
 def pipeline_run(folder: str, out: str, workers: int = 1, fast: bool = False) -> common.Measurement:
@@ -172,10 +185,10 @@ def bench_cpu_side(args, tf) -> dict:
     ref_lean = rate(lambda d: reference_record(tf, d, emb, False), jpegs[:n_ref], 1)
     ours = rate(lambda d: our_record(d, emb), jpegs)
     print(f"CPU side, {args.where}, {args.n} JPEGs ~500x375 (reference loops on {n_ref}):")
-    print(f"  reference as written   {ref_written:8.1f} img/s")
-    print(f"  reference lean         {ref_lean:8.1f} img/s")
-    print(f"  ours (function loop)   {ours:8.1f} img/s   = {ours / ref_written:5.1f}x as written, "
-          f"{ours / ref_lean:5.1f}x lean")
+    print(f"  reference as written   {ref_written.text()}")
+    print(f"  reference lean         {ref_lean.text()}")
+    print(f"  ours (function loop)   {ours.text()}   = {(ours / ref_written).text('x')} as written; "
+          f"{(ours / ref_lean).cpu:.1f}x lean per CPU-s")
 
     img = decode_rgb(jpegs[0])
     rgb = letterbox_array(img)
@@ -202,25 +215,25 @@ def bench_cpu_side(args, tf) -> dict:
     for label, err in errors.items():
         print_fast_decode(f"{label} JPEGs", err)
     big_exact, big_fast = rate(lambda d: our_record(d, emb), big), rate(lambda d: our_record(d, emb, FAST), big)
-    print(f"  function loop on 1600x1200 JPEGs: exact {big_exact:.1f} img/s, --fast-decode {big_fast:.1f} img/s "
-          f"({big_fast / big_exact:.2f}x)")
+    print(f"  function loop on 1600x1200 JPEGs: exact {big_exact.text()}; --fast-decode {big_fast.text()} "
+          f"({(big_fast / big_exact).cpu:.2f}x per CPU-s)")
 
     runs = {"1 worker": (1, False), "1 worker, --fast-decode": (1, True)}
     if not args.pinned:
         runs["2 workers"] = (2, False)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         folders = {n: write_folder(os.path.join(tmp, f"in{n}"), jpegs, n) for n in (args.n1, args.n2)}
         states = {label: common.two_sizes(
             lambda n, r, w=w, fast=fast: pipeline_run(folders[n], os.path.join(tmp, f"out{n}-{w}-{r}"), w, fast),
             args.n1, args.n2, args.repeat) for label, (w, fast) in runs.items()}
     for label, st in states.items():
-        steady = st.rate
-        print(f"  ours (pipeline, {label}, --embedding none): {args.n1} in "
+        steady = Rate(st.rate, st.per_cpu_s)
+        print(f"  ours (pipeline, {label}, --embedding none, in {args.work_dir}): {args.n1} in "
               f"{st.walls[args.n1]:.1f} s, {args.n2} in {st.walls[args.n2]:.1f} s; end to end "
-              f"{st.end_to_end(args.n2):.1f} img/s, steady state {steady:.1f} img/s = "
-              f"{steady / ref_written:.1f}x as written, {steady / ref_lean:.1f}x lean; peak RSS "
-              f"{st.peaks[args.n1] / common.MIB:.0f} MiB @ {args.n1}, {st.peaks[args.n2] / common.MIB:.0f} MiB @ "
-              f"{args.n2}; CPU {st.cores_busy:.2f} cores busy (steady)")
+              f"{st.end_to_end(args.n2):.1f} img/s; steady state {steady.text()} (whole process tree) = "
+              f"{(steady / ref_written).text('x')} the reference as written, {(steady / ref_lean).cpu:.1f}x lean "
+              f"per CPU-s; peak RSS {st.peaks[args.n1] / common.MIB:.0f} MiB @ {args.n1}, "
+              f"{st.peaks[args.n2] / common.MIB:.0f} MiB @ {args.n2}; CPU {st.cores_busy:.2f} cores busy (steady)")
     scaling = common.ratio(states["2 workers"].rate, states["1 worker"].rate) if "2 workers" in states else None
     if scaling is not None:
         print(f"  ours (pipeline) 2 workers / 1 worker: {scaling:.2f}x")
@@ -271,6 +284,10 @@ def main(argv=None) -> None:
     p.add_argument("--embed-images", type=int, default=64)
     p.add_argument("--skip-embedding", action="store_true")
     p.add_argument("--no-pin", action="store_true", help="do not pin the run to one core (adds 2 workers)")
+    p.add_argument("--work-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where the pipeline's inputs and outputs go (default /dev/shm, a tmpfs: a record is "
+                        "606 KB, written as a piece and again in its file, so on a disk the job measures the "
+                        "disk's write bandwidth, not the CPU side; pass a disk folder to see that)")
     p.add_argument("--json", default=None, metavar="PATH", help="write a summary dict (for bench_all.py)")
     args = p.parse_args(argv)
     args.pinned = not args.no_pin
@@ -290,7 +307,7 @@ def main(argv=None) -> None:
              f"--direct_num_workers 1` on folders of N1={args.n1}, N2={args.n2} JPEGs (fastest of "
              f"{args.repeat} run(s) per size), divided by its 1 SDK worker; the runner process's own CPU is "
              "not in the divisor (see cores_busy_steady); the Inception embedding is left out"),
-        reference_rate=cpu["ref_written"],
+        reference_rate=cpu["ref_written"].wall,
         reference=("deep-koalarization's CPU side as written, one core: Pillow letterbox (resize_contain, "
                    "Lanczos), 299 JPEG written and re-decoded, skimage resize 224 (anti-aliased), rgb2lab "
                    f"float64, tf.train.Example from float lists; {n_ref} images"),
@@ -304,12 +321,17 @@ def main(argv=None) -> None:
                              for label, st in cpu["states"].items()},
         pinned=args.where, fast_decode_error=cpu["fast_decode_error"],
         cores_busy_steady=st1.cores_busy, images_per_cpu_s_steady=st1.per_cpu_s,
-        reference_lean_images_per_s=cpu["ref_lean"], function_loop_images_per_s=cpu["loop"],
+        reference_lean_images_per_s=cpu["ref_lean"].wall, function_loop_images_per_s=cpu["loop"].wall,
+        images_per_cpu_s={"reference as written": cpu["ref_written"].cpu, "reference lean": cpu["ref_lean"].cpu,
+                          "function loop": cpu["loop"].cpu,
+                          **{f"pipeline, {label}": st.per_cpu_s for label, st in cpu["states"].items()}},
+        ratio_per_cpu_s_to_reference=common.ratio(st1.per_cpu_s, cpu["ref_written"].cpu), work_dir=args.work_dir,
         embedding_images_per_s_by_batch=embedding,
         notes="; ".join(filter(None, (
             f"--embedding none; the 1-worker job kept {common.fmt(st1.cores_busy)} cores busy",
-            f"function loop {cpu['loop']:.0f}/s ({cpu['loop'] / cpu['ref_written']:.1f}x ref)",
-            f"reference lean {cpu['ref_lean']:.0f}/s", f"N={args.n1}/{args.n2}",
+            f"function loop {cpu['loop'].wall:.0f}/s ({(cpu['loop'] / cpu['ref_written']).wall:.1f}x ref)",
+            f"reference lean {cpu['ref_lean'].wall:.0f}/s", f"N={args.n1}/{args.n2}",
+            f"pipeline in {args.work_dir}",
             common.unmeasurable(cpu["states"]))))))
 
 

@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats.batches import bucket_of, shuffle_key
 from imagebeam.transforms.imaging.decode import CHECK_DRAFT, DEFAULT_MAX_PIXELS, DecodeError, DraftSize, decode_rgb
-from imagebeam.transforms.bookkeeping.fileutil import concat_files, delete_existing, join, write_atomically
+from imagebeam.transforms.bookkeeping.fileutil import concat_files, delete_existing, join, write_atomically, write_with
 from imagebeam.transforms.formats.lab_records import encode_example
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
 from imagebeam.transforms.bookkeeping.staging import read_marker
@@ -239,6 +239,11 @@ def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_
     return out
 
 
+def _write_all(records: List[bytes], f) -> None:
+    for record in records:
+        f.write(record)
+
+
 class _WritePiecesFn(beam.DoFn):
     """A chunk's records -> one piece per output file it touches, then the chunk's marker."""
 
@@ -257,7 +262,7 @@ class _WritePiecesFn(beam.DoFn):
         pieces = []
         for file_index, start, end in file_spans(chunk.first_rank, len(records), self._per_file):
             path = join(self._staging, piece_name(chunk.split, file_index, chunk.bucket, chunk.index))
-            write_atomically(path, b"".join(records[start:end]))
+            write_with(path, functools.partial(_write_all, records[start:end]))  # no joined 38 MB copy
             pieces.append(((chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start, size)))
         write_atomically(chunk_marker(self._staging, chunk.split, chunk.bucket, chunk.index),
                          json.dumps(pieces).encode("utf-8"))
