@@ -13,7 +13,7 @@ from PIL import Image
 
 from imagebeam import sample as sample_lib
 from imagebeam.transforms.imaging import lanczos
-from imagebeam.transforms.imaging.resize import fit_array, letterbox, letterbox_array, thumbnail_size
+from imagebeam.transforms.imaging.resize import fit, fit_array, letterbox, letterbox_array, thumbnail_size
 
 N_RESAMPLE_CROPS = 2400
 N_LETTERBOX_CROPS = 300
@@ -91,7 +91,6 @@ def test_thumbnail_size_is_pillows():
 def test_fit_array_modes_match_fit(photos):
     img = photos[0].resize((400, 300))
     for mode in ("stretch", "center-crop"):
-        from imagebeam.transforms.imaging.resize import fit
         np.testing.assert_array_equal(fit_array(img, 299, mode), np.asarray(fit(img, 299, mode)))
     grey = photos[0].convert("L")
     np.testing.assert_array_equal(letterbox_array(grey), np.asarray(letterbox(grey.copy())))
