@@ -5,7 +5,7 @@ job's safety check refuses it before any connection (`blocked`), and the run is 
 namespace of its own (`unshare -n`) where one is available, so no packet can leave. What is left is what
 grows with the list: reading and cutting it, the per-URL bookkeeping, the merges and the manifest.
 
-    python tests/benchmarks/bench_download_memory.py [--sizes 200000 2000000] [--json PATH]
+    python tests/benchmarks/bench_download_memory.py [--sizes 200000 2000000] [--workdir DIR] [--json PATH]
 
 Prints, per size, the peak RSS of the job's whole process tree (sampled every 0.1 s), wall time and lines/s;
 then the growth per line between the two sizes, the projection to fall11_urls.txt (14,197,122 lines) and
@@ -68,11 +68,14 @@ def measure(n: int, workdir: str, extra: List[str] = ()) -> MemoryRun:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs=2, default=[200_000, 2_000_000])
+    ap.add_argument("--workdir", default=None, help="folder for the lists and outputs (about 1.5 KB per line at "
+                                                     "the larger size; a tmpfs such as /dev/shm is fine: its files "
+                                                     "are not in any process's RSS)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write a summary dict")
     args = ap.parse_args()
     print(common.machine_line(common.machine()))
     print(f"network: {'inside unshare -n' if isolated() else 'no unshare: private addresses refused by the job'}")
-    work = tempfile.mkdtemp(prefix="bench-download-memory-")
+    work = tempfile.mkdtemp(prefix="bench-download-memory-", dir=args.workdir)
     runs = []
     try:
         for n in args.sizes:
