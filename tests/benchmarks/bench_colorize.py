@@ -302,15 +302,18 @@ def main(argv=None) -> None:
     print(load_line("after"))
     st1, n_ref = cpu["states"]["1 worker"], max(20, args.n // 4)
     common.write_json(args.json, common.summary(
-        "colorize", ours=st1.rate, cores_used=1,
-        how=(f"steady-state rate (N2-N1)/(t2-t1) of `imagebeam colorize --embedding none "
-             f"--direct_num_workers 1` on folders of N1={args.n1}, N2={args.n2} JPEGs (fastest of "
-             f"{args.repeat} run(s) per size), divided by its 1 SDK worker; the runner process's own CPU is "
-             "not in the divisor (see cores_busy_steady); the Inception embedding is left out"),
-        reference_rate=cpu["ref_written"].wall,
+        "colorize", ours=st1.per_cpu_s if args.pinned else st1.rate, cores_used=1,
+        how=(f"steady state of `imagebeam colorize --embedding none --direct_num_workers 1` on folders of "
+             f"N1={args.n1}, N2={args.n2} JPEGs in {args.work_dir} (fastest of {args.repeat} run(s) per size): "
+             + ("images per CPU second of the whole process tree (runner + SDK worker), all pinned to one "
+                "core: (N2-N1) / (cpu2-cpu1)" if args.pinned else
+                "(N2-N1)/(t2-t1), divided by its 1 SDK worker; the runner process's own CPU is not in the "
+                "divisor (see cores_busy_steady)") + "; the Inception embedding is left out"),
+        reference_rate=cpu["ref_written"].cpu if args.pinned else cpu["ref_written"].wall,
         reference=("deep-koalarization's CPU side as written, one core: Pillow letterbox (resize_contain, "
                    "Lanczos), 299 JPEG written and re-decoded, skimage resize 224 (anti-aliased), rgb2lab "
-                   f"float64, tf.train.Example from float lists; {n_ref} images"),
+                   f"float64, tf.train.Example from float lists; {n_ref} images; "
+                   + ("images per CPU second" if args.pinned else "images per second")),
         scaling=cpu["scaling"], peak_rss=max(st.peak for st in cpu["states"].values()),
         peak_rss_how=(f"largest summed RSS of the job's process tree (runner + SDK workers), sampled every "
                       f"{common.SAMPLE_S} s, over the pipeline runs (1 and 2 workers, N1 and N2)"),
@@ -320,6 +323,7 @@ def main(argv=None) -> None:
         peak_rss_mib_by_run={label: {str(n): st.peaks[n] / common.MIB for n in (args.n1, args.n2)}
                              for label, st in cpu["states"].items()},
         pinned=args.where, fast_decode_error=cpu["fast_decode_error"],
+        scaling_note=None if cpu["scaling"] is not None else "not measured: pinned to one core (--no-pin adds 2 workers)",
         cores_busy_steady=st1.cores_busy, images_per_cpu_s_steady=st1.per_cpu_s,
         reference_lean_images_per_s=cpu["ref_lean"].wall, function_loop_images_per_s=cpu["loop"].wall,
         images_per_cpu_s={"reference as written": cpu["ref_written"].cpu, "reference lean": cpu["ref_lean"].cpu,
