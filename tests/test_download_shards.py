@@ -160,3 +160,29 @@ def test_memory_bound_on_a_half_million_line_refused_list(tmp_path):
     print(f"500,000 refused lines: peak RSS {run.peak_rss / 2 ** 20:.0f} MiB, {run.wall:.0f} s")
     assert run.counts["listed"] == run.counts["urls"] == 500_000 and run.counts["ok"] == 0
     assert run.peak_rss < GOAL_BYTES
+
+
+@pytest.mark.pipeline
+def test_rerun_of_a_finished_list_fetches_and_reads_nothing(photos, tmp_path, monkeypatch):
+    from imagebeam.transforms.inputs import download_shards
+
+    with PhotoServer() as server:
+        urls = [server.add_file(f"/q{i}.jpg", photos[i % len(photos)] + b"\0" * i) for i in range(50)]
+        urls.append(server.add_status("/gone.jpg", 404))
+        listing = tmp_path / "urls.txt"
+        listing.write_text("".join(f"{u}\n" for u in urls))
+        args = ["--input", str(listing), "--output", str(tmp_path / "dl"), "--shard-size", "20", *NET]
+        first = download.run(args)
+        before = server.total_requests()
+        calls = []
+        real = download_shards.download_one
+        monkeypatch.setattr(download_shards, "download_one", lambda *a, **k: calls.append(a) or real(*a, **k))
+        again = download.run(args)
+        assert server.total_requests() == before
+        # every URL kept from the finished run's manifest: no image file opened (download_one reads them)
+        assert calls == [] and again["counts"]["kept_from_earlier_runs"] == len(urls) == first["counts"]["urls"]
+        assert again["statuses"] == first["statuses"] == {"ok": 50, "http_404": 1}
+        os.remove(tmp_path / "dl" / (url_md5(urls[7]) + ".jpeg"))  # an ok record whose file went: fetched again
+        third = download.run(args)
+        assert len(calls) == 1 and server.total_requests() == before + 1 and server.requests("/q7.jpg") == 2
+        assert third["counts"]["processed_this_run"] == 1 and third["statuses"] == first["statuses"]
