@@ -55,7 +55,7 @@ def dataflow_args(*extra):
 def colorize_args(image_folder, *extra):
     args = colorize.make_parser().parse_args(
         ["--input", image_folder, "--output", f"{BUCKET}/koalarization", "--model-copies", "1", *extra])
-    colorize.check_args(args)
+    colorize.check_args(args, "DataflowRunner")  # remote workers: their caches are theirs to check
     return args
 
 

@@ -33,7 +33,7 @@ import tempfile
 from typing import Dict, List, Optional
 
 import common
-from bench_downsample import build_tar
+from bench_downsample import N_CLASSES, build_tar
 
 from imagebeam import sample as sample_lib
 
@@ -45,7 +45,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def job_args(job: str, tar: str, out: str) -> List[str]:
     if job == "downsample":
         return ["downsample", "--input", tar, "--output", out, "--size", "64"]
+    if job == "resize":
+        return ["resize", "--input", tar, "--output", out]
+    if job == "imagenet-layout":
+        return ["imagenet-layout", "--train", tar, "--devkit", devkit_for(tar), "--output", out]
     return ["colorize", "--input", tar, "--output", out, "--embedding", "none"]
+
+
+def devkit_for(tar: str) -> str:
+    """A devkit naming the bench tars' classes (imagenet-layout needs one), next to the tar."""
+    path = os.path.join(os.path.dirname(tar), "devkit.tar.gz")
+    if not os.path.exists(path):
+        classes = [(c + 1, f"n{1440764 + c:08d}", f"class {c}") for c in range(N_CLASSES)]
+        sample_lib.write_devkit(path, classes, [])
+    return path
 
 
 def baseline_env(rev: str, work: str) -> Optional[dict]:
@@ -163,11 +176,14 @@ def main(argv=None) -> None:
     p.add_argument("--resume-n", type=int, nargs="*", default=[],
                    help="downsample: also kill-and-resume at these sizes (a full run each, then the kill)")
     p.add_argument("--colorize-resume-n", type=int, nargs="*", default=[])
+    p.add_argument("--resize-n1", type=int, default=1000, help="resize (--jobs resize): smaller input")
+    p.add_argument("--layout-n1", type=int, default=4000, help="imagenet-layout (--jobs imagenet-layout)")
     p.add_argument("--unique", type=int, default=400, help="unique JPEGs (repeated under distinct names)")
     p.add_argument("--quality", type=int, default=98, help="JPEG quality of the photos (98: about 100 KiB)")
     p.add_argument("--baseline", default="2112af1", help="git revision to compare with (the code before)")
     p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--jobs", default="downsample,colorize")
+    p.add_argument("--jobs", default="downsample,colorize",
+                   help="any of downsample, colorize, resize, imagenet-layout (comma-separated)")
     p.add_argument("--json")
     p.add_argument("--workdir")
     args = p.parse_args(argv)
@@ -188,17 +204,17 @@ def main(argv=None) -> None:
     summary = {}
     try:
         for job in args.jobs.split(","):
-            n1 = args.n1 if job == "downsample" else args.colorize_n1
+            n1 = {"downsample": args.n1, "colorize": args.colorize_n1, "resize": args.resize_n1,
+                  "imagenet-layout": args.layout_n1}[job]
             tars = {n: build_tar(os.path.join(work, f"{job}-{n}.tar"), jpegs, n) for n in (n1, 5 * n1)}
             ours = measure(job, tars, work, None, "ours")
             base = measure(job, tars, work, env, "base") if env else None
-            largest = max(os.path.getsize(os.path.join(ours["out2"], f)) for f in os.listdir(ours["out2"])
-                          if os.path.isfile(os.path.join(ours["out2"], f)))
+            largest = max(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ours["out2"]) for f in fs)
             resumed_out = os.path.join(work, f"{job}-resumed")
             resume = kill_and_resume(job, tars[5 * n1], resumed_out, ours["wall2"])
             resume.update(n=5 * n1, equal=files_digest(resumed_out) == files_digest(ours["out2"]))
             resume["longer"] = []
-            for n in (args.resume_n if job == "downsample" else args.colorize_resume_n):
+            for n in {"downsample": args.resume_n, "colorize": args.colorize_resume_n}.get(job, []):
                 tar = build_tar(os.path.join(work, f"{job}-{n}.tar"), jpegs, n)
                 full_out = os.path.join(work, f"{job}-full-{n}")
                 full = run(job, tar, full_out)
