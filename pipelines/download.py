@@ -130,14 +130,14 @@ def prepare_state(args: argparse.Namespace) -> bool:
     (True: resuming); otherwise start it afresh, indexing a finished run's manifest if there is one."""
     facts = argparse.Namespace(columns=network_options.list_columns(args), shard_size=args.shard_size)
     state = fileutil.join(args.output, shards.STATE)
-    if staging.prepare(state, staging.fingerprint("download", facts, args.input)):
-        return True
-    fileutil.delete_existing([fileutil.join(args.output, JOURNAL)])
-    manifest = fileutil.join(args.output, MANIFEST)
-    if FileSystems.exists(manifest):
-        found = shards.PreviousIndex.build(manifest, shards.state_path(args.output, shards.PREVIOUS))
+    resuming = staging.prepare(state, staging.fingerprint("download", facts, args.input))
+    if not resuming:
+        fileutil.delete_existing([fileutil.join(args.output, JOURNAL)])
+    manifest, index = fileutil.join(args.output, MANIFEST), shards.state_path(args.output, shards.PREVIOUS)
+    if FileSystems.exists(manifest) and not shards.PreviousIndex.exists(index):  # (a kill may have cut it short)
+        found = shards.PreviousIndex.build(manifest, index)
         _LOG.info("indexed %d final records of the earlier run's manifest", found)
-    return False
+    return resuming
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

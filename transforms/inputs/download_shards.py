@@ -22,6 +22,8 @@ not fetched), or by the download already in flight in the worker.
 """
 from __future__ import annotations
 
+import array
+import contextlib
 import itertools
 import json
 import queue
@@ -97,24 +99,37 @@ class PreviousIndex:
 
     @staticmethod
     def build(manifest: str, folder: str) -> int:
-        """Index `manifest`'s final records into `folder`; returns how many."""
-        keys, flags, offsets = bytearray(), bytearray(), bytearray()
-        at = 0
-        with FileSystems.open(manifest) as f:
-            for line in iter(f.readline, b""):
-                try:
-                    record = json.loads(line)
-                    final = not is_transient(record["status"])
-                except (ValueError, KeyError, TypeError):
-                    final = False
-                if final:
-                    keys += np.uint64(int(url_md5(record["url"])[:16], 16)).tobytes()
-                    flags.append(_flag(record))
-                    offsets += np.uint64(at).tobytes()
-                at += len(line)
-        for name, data in (("keys", keys), ("flags", flags), ("offsets", offsets)):  # offsets last: exists()
-            fileutil.write_atomically(fileutil.join(folder, name), bytes(data))
-        return len(flags)
+        """Index `manifest`'s final records into `folder`, streamed (a chunk at a time); returns how many."""
+        # Entered first, renamed into place last (ExitStack unwinds in reverse): the offsets file's presence
+        # says the index is complete.
+        names = ("offsets", "keys", "flags")
+        columns = {name: array.array(code) for name, code in zip(names, "QQB")}
+        found = at = 0
+        with contextlib.ExitStack() as stack:
+            files = {name: stack.enter_context(fileutil.atomic_writer(fileutil.join(folder, name))) for name in names}
+
+            def flush() -> None:
+                for name, column in columns.items():
+                    files[name].write(column.tobytes())
+                    del column[:]
+
+            with FileSystems.open(manifest) as f:
+                for line in iter(f.readline, b""):
+                    try:
+                        record = json.loads(line)
+                        final = not is_transient(record["status"])
+                    except (ValueError, KeyError, TypeError):
+                        final = False
+                    if final:
+                        columns["keys"].append(int(url_md5(record["url"])[:16], 16))
+                        columns["flags"].append(_flag(record))
+                        columns["offsets"].append(at)
+                        found += 1
+                        if len(columns["flags"]) >= 1 << 16:
+                            flush()
+                    at += len(line)
+            flush()
+        return found
 
     def find(self, md5s: List[str]) -> List[Optional[Tuple[int, int]]]:
         """(flag, offset) of each md5's final record, or None."""
