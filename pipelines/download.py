@@ -95,6 +95,10 @@ def finish(_, output: str, facts: dict, pieces: list, lists: list, urls: list) -
               "processed_this_run": processed, "ok": statuses.get("ok", 0), "failed": n_urls - statuses.get("ok", 0)}
     if n_urls != listed - repeated or n_urls != kept + processed or n_urls != urls.get("urls", 0):
         raise CountsDontAddUp(f"counts do not add up: {counts}, statuses {statuses}")
+    # The runs the merges read are done with (a re-run after a kill from here on finds every merge's marker):
+    # the disk holds the pieces and the manifest, not also each record twice more.
+    fileutil.delete_existing(fileutil.matching([shards.state_path(output, d, "*.run")
+                                                for d in (shards.SHARDS, shards.URLS, shards.CONTENT)]))
     paths = [piece["path"] for piece in sorted(pieces, key=lambda piece: piece["bucket"])]
     if paths:  # pieces are kept until the job's state goes: a re-run after a kill here re-emits them
         fileutil.concat_files(fileutil.join(output, MANIFEST), paths, move_single=False)
