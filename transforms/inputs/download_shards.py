@@ -26,6 +26,7 @@ import array
 import contextlib
 import itertools
 import json
+import os
 import queue
 from collections import Counter, OrderedDict
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -87,9 +88,8 @@ class PreviousIndex:
 
     def _array(self, name: str, dtype) -> np.ndarray:
         path = fileutil.join(self._folder, name)
-        if "://" not in path:
-            return np.memmap(path, dtype=dtype, mode="r") if FileSystems.match([path])[0].metadata_list[0] \
-                .size_in_bytes else np.zeros(0, dtype)
+        if "://" not in path:  # np.memmap refuses an empty file
+            return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
         with FileSystems.open(path) as f:
             return np.frombuffer(f.read(), dtype=dtype)
 
