@@ -21,15 +21,15 @@ import functools
 import json
 import logging
 import uuid
-from typing import Sequence
+from typing import List, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.runners import network_options
+from imagebeam.runners import checks, network_options
 from imagebeam.runners import options as job_options
 from imagebeam.transforms.bookkeeping import fileutil, staging
-from imagebeam.transforms.bookkeeping.report import read_json, versions
+from imagebeam.transforms.bookkeeping.report import conclude, read_json, versions
 from imagebeam.transforms.inputs import download_shards as shards
 from imagebeam.transforms.inputs.downloads import JOURNAL
 from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards
@@ -149,8 +149,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     # Local runs are in-process: the job is network I/O on FetchShardsFn's own thread pool (see options).
     args, pipeline_options = job_options.parse(make_parser(), argv, local_mode="in_memory")
     network_options.fetch_config(args)  # fail on bad options before any pipeline starts
-    if args.shard_size < 1:
-        raise SystemExit("--shard-size must be at least 1")
+    checks.check_positive(args, "shard_size")
+    checks.check_inputs(args.input)
+    checks.check_output(args.output, inputs=args.input)
     fileutil.ensure_dir(args.output)
     remove_leftovers(args.output)
     metadata = fileutil.join(args.output, "metadata.json")
@@ -168,8 +169,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print(summary(run(argv)))
-    return 0
+    meta = run(argv)
+    args, _ = make_parser().parse_known_args(argv)
+    return conclude(args.output, meta, summary(meta), download_problems(meta))
+
+
+def download_problems(meta: dict) -> List[str]:
+    """Dead links are normal in a URL list; a download that got nothing at all is not (an empty list, or
+    every URL failing, which is nearly always one cause: the network, a proxy, a blocked range)."""
+    statuses = {k: v for k, v in meta["statuses"].items() if k != "ok"}
+    if not meta["counts"]["urls"]:
+        return ["the lists hold no URL"]
+    if meta["counts"]["ok"]:
+        return []
+    status, n = max(statuses.items(), key=lambda kv: kv[1])
+    how = "the same way" if len(statuses) == 1 else f"mostly the same way ({n} of them)"
+    return [f"every one of {meta['counts']['urls']} URLs failed, {how}: {status} (failures in manifest.jsonl)"]
 
 
 def summary(meta: dict) -> str:

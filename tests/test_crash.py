@@ -105,15 +105,17 @@ def run_until_units_staged(args, out, timeout=300):
     return sorted(glob.glob(os.path.join(out, ".staging", "units", "*.json")))
 
 
-@pytest.mark.parametrize("job", ["downsample", "colorize"])
+@pytest.mark.parametrize("job", ["downsample", "colorize", "resize"])
 def test_rerun_after_kill_redoes_only_unfinished_units(job, tmp_path):
     """Killed once a first unit is staged: the re-run reuses exactly the units whose markers exist, stages
     only the others, and writes what an uninterrupted run writes."""
     tar = many_images_tar(str(tmp_path / "flat.tar"), 1100, seed=5)  # 5 work units of <= 256 members
     if job == "downsample":
         args = [job, "--input", tar, "--size", "8", "--batches", "2", "--direct_num_workers", "2"]
-    else:
+    elif job == "colorize":
         args = [job, "--input", tar, "--embedding", "none", "--examples-per-file", "300", "--direct_num_workers", "2"]
+    else:
+        args = [job, "--input", tar, "--size", "32", "--direct_num_workers", "2"]
     clean = str(tmp_path / "clean")
     run_job([*args, "--output", clean])
     reference = tree(clean)

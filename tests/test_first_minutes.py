@@ -79,10 +79,13 @@ def _mistakes(ilsvrc, tmp):
         ("unknown job", ["downsampel", "--input", tar, "--output", out], ["downsampel"]),
         ("multi_threading refused", ["resize", "--input", tar, "--output", out, "--direct_running_mode",
                                      "multi_threading"], ["multi_threading"]),
+        ("url list missing", ["download", "--input", "nope.txt", "--output", out], ["--input", "nope.txt"]),
+        ("shard size zero", ["download", "--input", str(a_file), "--output", out, "--shard-size", "0"],
+         ["--shard-size"]),
     ]
 
 
-@pytest.mark.parametrize("case", range(23))
+@pytest.mark.parametrize("case", range(25))
 def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(case, ilsvrc, tmp_path):
     name, argv, words = _mistakes(ilsvrc, tmp_path)[case]
     proc = imagebeam(argv, tmp_path, timeout=120)
@@ -97,7 +100,7 @@ def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(case, ilsvrc, tmp_path)
 
 
 def test_the_mistake_list_covers_at_least_15_cases(ilsvrc, tmp_path):
-    assert len(_mistakes(ilsvrc, tmp_path)) == 23 >= 15
+    assert len(_mistakes(ilsvrc, tmp_path)) == 25 >= 15
 
 
 def test_refusal_names_the_switch_that_allows_it(tmp_path):
@@ -239,3 +242,14 @@ def test_demo_output_has_no_tensorflow_start_up_lines(tmp_path):
         r"oneDNN|cuda|cuInit|absl::|TF-TRT|tensorflow/core|XLA", line)]
     assert not chatter, chatter[:5]
     assert "outputs:" in proc.stdout
+
+
+@pytest.mark.pipeline
+def test_a_download_where_every_url_fails_the_same_way_is_not_a_success(tmp_path):
+    """Dead links are normal; every URL refused (here: private addresses, no traffic) is not."""
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"http://10.9.8.{i}/img{i}.jpg\n" for i in range(1, 6)))
+    proc = imagebeam(["download", "--input", str(listing), "--output", str(tmp_path / "dl")], tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "NOT USABLE" in last and "every one of 5 URLs failed, the same way: blocked" in last, last

@@ -90,7 +90,8 @@ def _interp(samples: List[tuple], t: float) -> float:
     return samples[-1][2]
 
 
-def run_measured(cmd: Sequence[str], env: Optional[dict] = None, capture: bool = True) -> Measurement:
+def run_measured(cmd: Sequence[str], env: Optional[dict] = None, capture: bool = True,
+                 exit_codes: Sequence[int] = (0,)) -> Measurement:
     """Run cmd to completion, sampling the summed RSS and CPU time of its whole process tree.
 
     CPU time: the larger of the sampled per-process totals (each process's last sample; misses at most
@@ -123,7 +124,7 @@ def run_measured(cmd: Sequence[str], env: Optional[dict] = None, capture: bool =
     cpu_s = max(waited, sum(per_pid.values()))
     samples.append((time.time(), 0, cpu_s))
     text = output.decode(errors="replace") if output else ""
-    if proc.returncode:
+    if proc.returncode not in exit_codes:
         sys.stderr.write(text[-4000:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
     return Measurement(wall, peak[0], cpu_s, samples, text)

@@ -32,6 +32,12 @@ def delete_existing(paths: Iterable[str]) -> None:
         FileSystems.delete(existing)
 
 
+def remove_leftover_temporaries(root: str) -> None:
+    """Delete the hidden temporary files (`.NAME.inprogress-*`) a killed run left anywhere below `root`;
+    for a job resuming in an output folder it writes into (every final name is whole already)."""
+    delete_existing(matching([join(root, f".*{TEMP_MARK}*"), join(root, "**", f".*{TEMP_MARK}*")]))
+
+
 def ensure_dir(directory: str) -> None:
     """Create `directory` if missing; several workers may race to do it."""
     if FileSystems.exists(directory):
