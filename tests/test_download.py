@@ -268,3 +268,35 @@ def test_url_list_feeds_downsample_and_colorize(server, photos, workdir):
     names = sorted(tf.train.Example.FromString(r).features.feature["image_name"].bytes_list.value[0].decode()
                    for r in tf.data.TFRecordDataset(os.path.join(out, "lab_images_0.tfrecord")).as_numpy_iterator())
     assert names == sorted(line.split("\t")[0] for line in lines[:8])
+
+
+def test_first_of_each_url_through_staged_runs_keeps_the_first_line_in_entry_order(tmp_path):
+    """URL-list inputs of downsample/colorize find repeats by a sort-merge of runs on disk (bounded
+    memory): per URL the first line in entry order is fetched, every other line is a counted repeat."""
+    from apache_beam import pvalue
+
+    from imagebeam.transforms.bookkeeping import staging
+    from imagebeam.transforms.inputs.downloads import entry_order, first_of_each_url, url_entry_item
+    from imagebeam.transforms.inputs.url_lists import UrlEntry
+
+    entries = [UrlEntry(f"http://h/{i % 7}.jpg", key=f"k{(i * 5) % 11}", label=None if i % 3 else "n0",
+                        source=f"list{i % 2}.txt") for i in range(40)]
+    entries.append(UrlEntry("http://h/ü.jpg", key=None, label="n1", source="x"))
+    fn = staging._StageStreamFn(str(tmp_path), url_entry_item, None, memory_mb=1)
+    fn.start_bundle()
+    summaries = []
+    for i, entry in enumerate(entries):
+        summaries += list(fn.process(entry))
+        if i % 9 == 8:  # several runs, as from several bundles
+            summaries += [w.value for w in fn.finish_bundle() if not isinstance(w.value, staging.Failure)]
+    summaries += [w.value for w in fn.finish_bundle() if not isinstance(w.value, staging.Failure)]
+    firsts, repeats = [], []
+    for task in staging.plan_buckets([s for s in summaries if isinstance(s, dict)]):
+        for out in first_of_each_url(task, staging.read_bucket(task)):
+            (repeats if isinstance(out, pvalue.TaggedOutput) else firsts).append(out)
+    expected = {}
+    for entry in entries:
+        expected.setdefault(entry.url, []).append(entry)
+    assert sorted(e for e, _ in firsts) == sorted(min(group, key=entry_order) for group in expected.values())
+    assert len(repeats) == len(entries) - len(expected)
+    assert {r.value.reason for r in repeats} >= {"repeated URL: listed 6 times, fetched once"}

@@ -152,9 +152,10 @@ def failure_from_json(d: dict) -> Failure:
 
 def _summary(run: Optional[str], index: List[List[int]], read: int, failures: List[Failure],
              unit: bool = True) -> dict:
-    """What a staged unit tells the rest of the job (`unit`: a resumable work unit, not a stream run)."""
-    return {"run": run, "buckets": index, "read": read, "failures": [f.to_json() for f in failures],
-            "unit": unit, "reused": False}
+    """What a staged unit tells the rest of the job (`unit`: a resumable work unit, not a stream run).
+    Its failures travel on their own output, not in the summary: every summary is gathered in one place
+    to plan the merge, so it must stay small however many inputs fail."""
+    return {"run": run, "buckets": index, "read": read, "failed": len(failures), "unit": unit, "reused": False}
 
 
 class _BoundedRuns:
@@ -246,7 +247,7 @@ def _unit_summaries(recorded: dict, reused: bool) -> List[dict]:
     first only, so they are counted once."""
     runs = recorded["runs"] or [(None, [])]
     out = [_summary(path, index, 0, [], unit=False) for path, index in runs]
-    out[0].update(read=recorded["read"], failures=recorded["failures"], unit=True, reused=reused)
+    out[0].update(read=recorded["read"], failed=len(recorded["failures"]), unit=True, reused=reused)
     return out
 
 
@@ -292,12 +293,15 @@ class _StageStreamFn(beam.DoFn):
 
     def start_bundle(self):
         self._entries: List[Entry] = []
-        self._failures: List[Failure] = []
-        self._read = self._bytes = 0
+        self._read = self._bytes = self._failed = 0
 
     def process(self, blob: Union[ImageBlob, Failure], *side):
         before = len(self._entries)
-        self._read += self._stager.entries([blob], side, self._entries, self._failures)
+        failures: List[Failure] = []
+        self._read += self._stager.entries([blob], side, self._entries, failures)
+        self._failed += len(failures)
+        for f in failures:  # at once: a list of dead links must not pile up in memory
+            yield pvalue.TaggedOutput(FAILURES, f)
         self._bytes += sum(len(e[2]) for e in self._entries[before:])
         if self._bytes >= self._budget:
             yield from self._flush()
@@ -317,9 +321,7 @@ class _StageStreamFn(beam.DoFn):
             return
         run = fileutil.join(self._staging, UNITS, f"stream-{uuid.uuid4().hex}.run") if self._entries else None
         index = write_run(run, self._entries) if run else []
-        yield _summary(run, index, self._read, self._failures, unit=False)
-        for f in self._failures:
-            yield pvalue.TaggedOutput(FAILURES, f)
+        yield dict(_summary(run, index, self._read, [], unit=False), failed=self._failed)
         self.start_bundle()
 
 

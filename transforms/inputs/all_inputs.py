@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms.inputs.downloads import FetchImages
 from imagebeam.transforms.inputs.fetch import FetchConfig
@@ -89,7 +90,8 @@ class StageFromIndex(beam.PTransform):
             summaries.append(s)
             failures.append(f)
         if indexed.entries is not None:
-            blobs, fetch_failures = indexed.entries | "FetchImages" >> FetchImages(self._config)
+            blobs, fetch_failures = indexed.entries | "FetchImages" >> FetchImages(
+                self._config, FileSystems.join(self._staging, "urls"))
             s, f = ((blobs, fetch_failures) | "FetchedAndFailed" >> beam.Flatten()
                     | "StageFetched" >> StageStream(self._staging, self._item_fn, self._side, self._progress,
                                                      self._memory_mb))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import hashlib
+import itertools
 import json
 import queue
 import threading
@@ -32,6 +33,7 @@ from imagebeam.transforms.imaging.decode import DecodeError, probe_image
 from imagebeam.transforms.inputs.fetch import FetchConfig, Fetcher
 from imagebeam.transforms.bookkeeping.fileutil import join, write_atomically
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.bookkeeping.staging import MergeBuckets, StageStream
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob
 from imagebeam.transforms.inputs.url_lists import UrlEntry, url_md5
 
@@ -236,14 +238,27 @@ class FetchFn(FetchingDoFn):
 
 # --- source mode: URL list -> ImageBlobs ---------------------------------------------------------------
 
-def first_of_each_url(element) -> Iterator:
-    """(url, entries) -> (first entry, no file) to fetch, and a Failure for every repeat of the URL."""
-    url, entries = element
-    entries = sorted(entries, key=entry_order)
-    yield entries[0], None
-    for repeat in entries[1:]:
-        yield pvalue.TaggedOutput("repeats", Failure(repeat.source, url, f"repeated URL: listed {len(entries)} "
-                                                                         "times, fetched once"))
+def url_entry_item(entry: UrlEntry):
+    """A listed entry as a staged entry: bucket = first byte of the URL's md5, sort key = the entry's
+    fields in `entry_order` (the URL first, so a URL's lines are adjacent and its first line leads)."""
+    fields = ["" if value is None else value for value in entry]
+    key = "\0".join(fields).encode("utf-8", "surrogateescape")
+    return int(url_md5(entry.url)[:2], 16), key, json.dumps(fields).encode("utf-8", "surrogateescape")
+
+
+def first_of_each_url(task, entries) -> Iterator:
+    """A merged bucket of staged entries (sorted by `url_entry_item`'s key) -> (first entry, no file) of
+    every URL to fetch, and a Failure for every repeat of it."""
+    def entry_of(payload: bytes) -> UrlEntry:
+        fields = [None if v == "" else v for v in json.loads(payload.decode("utf-8", "surrogateescape"))]
+        return UrlEntry(fields[0] or "", *fields[1:])
+
+    for _, group in itertools.groupby((entry_of(payload) for _, payload in entries), key=lambda e: e.url):
+        group = list(group)
+        yield group[0], None
+        for repeat in group[1:]:
+            yield pvalue.TaggedOutput("repeats", Failure(repeat.source, repeat.url, f"repeated URL: listed "
+                                                                                    f"{len(group)} times, fetched once"))
 
 
 def to_blob(result: Downloaded):
@@ -256,22 +271,24 @@ def to_blob(result: Downloaded):
 
 
 class FetchImages(beam.PTransform):
-    """UrlEntry -> (ImageBlob, Failure): a URL list as an image source (nothing stored on disk).
+    """UrlEntry -> (ImageBlob, Failure): a URL list as an image source (no image stored on disk; the
+    list's entries are staged under `staging` to find repeated URLs in bounded memory).
 
     Each URL is fetched once (repeats become failures, so every listed line is accounted for); the
     image's name is its key (fall11 id, --key-column) or `md5(url).ext`, its class the entry's label.
     """
 
-    def __init__(self, config: FetchConfig):
+    def __init__(self, config: FetchConfig, staging: str):
         super().__init__()
-        self._config = config
+        self._config, self._staging = config, staging
 
     def expand(self, entries):
-        firsts = (entries
-                  | "KeyByUrl" >> beam.Map(lambda e: (e.url, e))
-                  | "GroupUrl" >> beam.GroupByKey()
-                  | "FirstOfEach" >> beam.FlatMap(first_of_each_url).with_outputs("repeats", main="first"))
-        out = (firsts.first
+        # Repeats are found by a sort-merge of the entries staged on disk (bucketed by the URL's md5), not
+        # by a GroupByKey that would hold every listed URL (14 M for fall11) in the runner's memory.
+        summaries, _ = entries | "StageUrls" >> StageStream(self._staging, url_entry_item)
+        firsts = summaries | "FirstOfEach" >> MergeBuckets(self._staging, first_of_each_url, resumable=False,
+                                                           tags=["repeats"])
+        out = (firsts.main
                | "Fetch" >> beam.ParDo(FetchFn(self._config, None, full_decode=False))
                | "ToBlobs" >> beam.FlatMap(to_blob).with_outputs("failures", main="blobs"))
         failures = (out.failures, firsts.repeats) | "FetchFailures" >> beam.Flatten()
