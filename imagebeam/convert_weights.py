@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Optional, Sequence
+from imagebeam.runners.checks import OneLineParser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="imagebeam convert-weights", description=__doc__,
+    p = OneLineParser(prog="imagebeam convert-weights", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="inception_resnet_v2_2016_08_30.ckpt, or a V2 checkpoint prefix")
     p.add_argument("output", help="the .npz to write")

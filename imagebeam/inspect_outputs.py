@@ -47,6 +47,7 @@ from imagebeam import outputs as outputs_lib
 from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats.example_decode import iter_file_records, parse_example
 from imagebeam.transforms.bookkeeping.fileutil import TEMP_MARK
+from imagebeam.runners.checks import OneLineParser
 
 __all__ = ["inspect_main", "inspect_output"]
 
@@ -689,7 +690,7 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam inspect", description=__doc__,
+    p = OneLineParser(prog="imagebeam inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", metavar="OUTPUT", help="an output folder of an imagebeam job")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

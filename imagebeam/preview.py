@@ -56,6 +56,7 @@ from PIL import Image, ImageDraw, ImageFont
 from imagebeam import outputs as outputs_lib
 from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats.example_decode import iter_file_records, parse_example
+from imagebeam.runners.checks import OneLineParser
 
 __all__ = ["preview_main", "make_preview", "layout", "Layout", "TileBox", "Sample", "Preview", "lab_to_rgb",
            "l_to_grey", "upscale"]
@@ -442,7 +443,7 @@ def default_png(out: outputs_lib.Output) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam preview", description=__doc__,
+    p = OneLineParser(prog="imagebeam preview", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", metavar="OUTPUT", help="an output folder of an imagebeam job")
     p.add_argument("--output", dest="png", default=None,

@@ -37,6 +37,7 @@ from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadat
 from imagebeam.transforms.formats.safe_pickle import UnsafePickleError
 from imagebeam.transforms.inputs.sources import Failure
 from imagebeam.transforms.formats.tfrecord import bytes_feature, example_bytes, frame_record, int64_feature
+from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
 FORMATS = ("pickle", "tfrecord", "imagenet32")
@@ -44,7 +45,7 @@ FAILURES = "failures"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam cifar", description=__doc__,
+    p = OneLineParser(prog="imagebeam cifar", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="cifar-100-python.tar.gz / cifar-10-python.tar.gz, or the extracted folder")

@@ -38,6 +38,7 @@ from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadat
                                                       read_json, rows_per_split, summary_table)
 from imagebeam.transforms.imaging.resize import FIT_MODES
 from imagebeam.transforms.inputs.all_inputs import IndexAllInputs, StageFromIndex
+from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -45,7 +46,7 @@ EMBEDDINGS = ("inception_resnet_v2", "none")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam colorize", description=__doc__,
+    p = OneLineParser(prog="imagebeam colorize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="image folder, tar, glob of tar shards, or URL list (as for downsample); repeat for several")

@@ -15,10 +15,11 @@ from typing import List, Sequence
 from imagebeam import sample as sample_lib
 from imagebeam.pipelines import colorize, downsample
 from imagebeam.transforms.bookkeeping.report import natural_key
+from imagebeam.runners.checks import OneLineParser
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam demo", description=__doc__,
+    p = OneLineParser(prog="imagebeam demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo-output", help="where the sample and the outputs go")
     p.add_argument("--size", type=int, default=32, choices=(8, 16, 32, 64))

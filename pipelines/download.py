@@ -33,6 +33,7 @@ from imagebeam.transforms.bookkeeping.report import conclude, read_json, version
 from imagebeam.transforms.inputs import download_shards as shards
 from imagebeam.transforms.inputs.downloads import JOURNAL
 from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards
+from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -40,7 +41,7 @@ OLD_PIECES = ".manifest-pieces"  # an older version's temporaries
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam download", description=__doc__,
+    p = OneLineParser(prog="imagebeam download", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="URL list: text (URL = last token per line), CSV, JSONL or Parquet, optionally .gz, "

@@ -35,12 +35,13 @@ from imagebeam.transforms.inputs.all_inputs import IndexAllInputs, StageFromInde
 from imagebeam.transforms.bookkeeping.progress import ReportTotal
 from imagebeam.transforms.imaging.rows import LabelMapFromKeys, RowMaker
 from imagebeam.transforms.formats.mean_image import AnalyzeMean
+from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam downsample", description=__doc__,
+    p = OneLineParser(prog="imagebeam downsample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="ILSVRC2012_img_train.tar, a val/flat tar, a glob of tar shards, an image folder "

@@ -29,6 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 from imagebeam.transforms.inputs import archives
 from imagebeam.transforms.inputs.fetch import REDIRECT_CODES, USER_AGENT, Refused, check_url, open_connection
+from imagebeam.runners.checks import OneLineParser
 
 try:
     import fcntl
@@ -379,7 +380,7 @@ def _describe(exc: BaseException) -> str:
 
 def fetch_parser() -> argparse.ArgumentParser:
     names = ", ".join(archives.KNOWN)
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="imagebeam fetch",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Download one archive resumably (FILE.part, HTTP Range) and check its size and md5.\n\n"
@@ -544,7 +545,7 @@ def _drop_if_empty(path: str) -> None:
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="imagebeam verify",
         description="Check files' md5 against --md5 or the known-archive table (by file name); "
                     "local paths or any Beam filesystem (gs://, s3://, ...).",

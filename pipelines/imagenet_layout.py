@@ -33,6 +33,7 @@ from imagebeam.transforms.bookkeeping.progress import ProgressTicker
 from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
                                                       read_json, summary_table)
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob, WorkUnit, index_tar, read_unit
+from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
 STATE = ".imagebeam-layout"      # ROOT/.imagebeam-layout/<split>-<unit>.done markers
@@ -40,7 +41,7 @@ _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam imagenet-layout", description=__doc__,
+    p = OneLineParser(prog="imagebeam imagenet-layout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", help="ILSVRC2012_img_train.tar (1000 member tars n########.tar)")
     p.add_argument("--val", help="ILSVRC2012_img_val.tar (50,000 flat files, sorted by the devkit)")

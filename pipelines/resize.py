@@ -33,12 +33,13 @@ from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadat
                                                       dataset_problems, read_json, summary_table)
 from imagebeam.transforms.imaging.resize import FIT_MODES, fit
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob, IndexInputs, read_unit
+from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagebeam resize", description=__doc__,
+    p = OneLineParser(prog="imagebeam resize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="image folder, tar, or glob of tar shards; repeat for several")

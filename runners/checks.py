@@ -10,8 +10,6 @@ import os
 import socket
 from typing import Iterable, Optional, Sequence
 
-from apache_beam.io.filesystems import FileSystems
-
 _GLOB_CHARS = set("*?[")
 
 
@@ -23,12 +21,21 @@ class UsageError(SystemExit):
         self.message = message
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the option (`imagebeam JOB: ...`), not its usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
 def check_inputs(specs: Sequence[str], option: str = "--input") -> None:
     """Every input exists: a file, a folder with files, or a glob matching something."""
+    from apache_beam.io.filesystems import FileSystems
+
     for spec in specs:
         if not spec:
             raise UsageError(f"{option} is empty")
@@ -62,6 +69,8 @@ def check_file(path: Optional[str], option: str) -> None:
     """An optional single input file (a devkit, a class map) that must exist and be readable."""
     if not path:
         return
+    from apache_beam.io.filesystems import FileSystems
+
     if _is_remote(path):
         if not FileSystems.exists(path):
             raise UsageError(f"{option} {path!r} does not exist")

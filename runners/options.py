@@ -147,16 +147,12 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     A mistake in the job's own options is one line (`imagebeam JOB: error: ...`, exit 2), not argparse's
     usage block; a Dask scheduler that does not answer is found here, before anything runs.
     """
-    parser.error = lambda message: _usage_error(parser, message)  # type: ignore[method-assign]
     known, beam_args = parser.parse_known_args(argv)
     full = beam_args_with_defaults(beam_args, local_mode)
     if _flag_value(full, "--runner") == DASK_RUNNER:
         checks.check_dask_address(_flag_value(full, "--dask_client_address"))
     return known, PipelineOptions(full)
 
-
-def _usage_error(parser: argparse.ArgumentParser, message: str):
-    raise checks.UsageError(f"{message} (see `{parser.prog} --help`)")
 
 
 def in_process(pipeline_options: PipelineOptions) -> PipelineOptions:
