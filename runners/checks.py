@@ -32,6 +32,10 @@ def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
 def check_inputs(specs: Sequence[str], option: str = "--input") -> None:
     """Every input exists: a file, a folder with files, or a glob matching something."""
     from apache_beam.io.filesystems import FileSystems
@@ -56,7 +60,7 @@ def check_inputs(specs: Sequence[str], option: str = "--input") -> None:
             if not found:
                 raise UsageError(f"{option} {spec!r} does not exist")
             continue
-        path = spec[len("file://"):] if spec.startswith("file://") else spec
+        path = _local(spec)
         if not os.path.exists(path):
             raise UsageError(f"{option} {spec!r} does not exist")
         if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
@@ -88,7 +92,7 @@ def check_output(path: str, option: str = "--output", inputs: Iterable[str] = ()
         raise UsageError(f"{option} is empty")
     if _is_remote(path):
         return
-    local = path[len("file://"):] if path.startswith("file://") else path
+    local = _local(path)
     if os.path.isfile(local):
         raise UsageError(f"{option} {path!r} is a file; give a folder (it is created if missing)")
     parent = os.path.dirname(os.path.abspath(local))

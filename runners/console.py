@@ -39,13 +39,13 @@ class Console:
         self._log = os.fdopen(fd, "wb", buffering=0)
         sys.stderr.flush()
         self._terminal = os.dup(2)
+        self._skip_indented = False
+        self._lock = threading.Lock()  # before the reader starts: it writes to the log at once
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)
         self._reader = threading.Thread(target=self._pump, args=(read_end,), daemon=True)
         self._reader.start()
-        self._skip_indented = False
-        self._lock = threading.Lock()
         self._python_stderr = sys.stderr
         sys.stderr = _TerminalStream(self)
 
@@ -144,7 +144,7 @@ class _TerminalStream:
     def write(self, text: str) -> int:
         self._pending += text
         while True:
-            cut = max(self._pending.find("\n"), -1)
+            cut = self._pending.find("\n")
             if cut < 0:
                 break
             line, self._pending = self._pending[:cut + 1], self._pending[cut + 1:]

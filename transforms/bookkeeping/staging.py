@@ -351,14 +351,20 @@ class BucketTask(NamedTuple):
     total: int           # entries of the group
 
 
-def plan_buckets(summaries: Iterable[dict], group_size: int = 0) -> List[BucketTask]:
-    """Summaries -> a task per non-empty bucket. Groups are `bucket // group_size` (0: one group)."""
+def _slices_and_counts(summaries: Iterable[dict]) -> Tuple[Dict[int, List[Tuple[str, int, int]]], Dict[int, int]]:
+    """Summaries -> ({bucket: [(run, offset, length)] in summary order}, {bucket: entries})."""
     slices: Dict[int, List[Tuple[str, int, int]]] = {}
     counts: Dict[int, int] = {}
     for s in summaries:
         for bucket, offset, length, n in s["buckets"]:
             slices.setdefault(bucket, []).append((s["run"], offset, length))
             counts[bucket] = counts.get(bucket, 0) + n
+    return slices, counts
+
+
+def plan_buckets(summaries: Iterable[dict], group_size: int = 0) -> List[BucketTask]:
+    """Summaries -> a task per non-empty bucket. Groups are `bucket // group_size` (0: one group)."""
+    slices, counts = _slices_and_counts(summaries)
     group = (lambda b: b // group_size) if group_size else (lambda b: 0)
     totals: Dict[int, int] = {}
     for b, n in counts.items():
@@ -465,12 +471,7 @@ def plan_bucket_ranges(summaries: Iterable[dict], max_entries: int) -> List[Buck
     when the bucket is a prefix of the key (hash-prefix buckets). `bucket` is the range's first bucket,
     so tasks (and their markers) are the same for the same summaries.
     """
-    per_bucket: Dict[int, List[Tuple[str, int, int]]] = {}
-    counts: Dict[int, int] = {}
-    for s in summaries:
-        for bucket, offset, length, n in s["buckets"]:
-            per_bucket.setdefault(bucket, []).append((s["run"], offset, length))
-            counts[bucket] = counts.get(bucket, 0) + n
+    per_bucket, counts = _slices_and_counts(summaries)
     total = sum(counts.values())
     tasks: List[BucketTask] = []
     group: List[int] = []
