@@ -149,7 +149,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False, tags=[DONE])
     chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params)
 
-    failure_sets = [stage_failures]
+    failure_sets = list(stage_failures)
     if args.embedding == "none":
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
@@ -167,7 +167,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         args.output, staging, args.record_format, args.examples_per_file, args.compression, progress,
         done=merged[DONE])
 
-    n_failed = tuple(failure_sets) | "AllFailures" >> beam.Flatten() | "WriteFailures" >> WriteFailures(args.output)
+    n_failed = tuple(failure_sets) | "WriteFailures" >> WriteFailures(args.output)
     units = summaries | "CountUnits" >> stage.UnitCounts()
     n_read = units | "ReadCount" >> beam.Map(lambda c: c["read"])
     sizes = (files

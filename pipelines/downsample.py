@@ -131,12 +131,17 @@ def build_mean(p: beam.Pipeline, args: argparse.Namespace, staged: dict) -> None
     mean = staged_paths | "AnalyzeMean" >> analyze
     files = (p | "PiecesPerBatch" >> beam.Create(pieces)
              | "FinalizeBatches" >> FinalizeBatches(args.output, args.format, mean))
-    base = {k: v for k, v in staged.items() if k not in ("counts", "files", "versions")}
-    counts = {k: v for k, v in staged["counts"].items() if k != "written"}
     _ = (p | "Once" >> beam.Create([None])
          | "WriteMetadata" >> beam.Map(
-             lambda _, files: write_metadata(args.output, base, counts, files, (staging, analyze.temp_dir)),
+             lambda _, files: write_final_metadata(args, staged, files, (staging, analyze.temp_dir)),
              beam.pvalue.AsList(files)))
+
+
+def write_final_metadata(args: argparse.Namespace, staged: dict, files: list, cleanup: tuple) -> dict:
+    """metadata.json of a train split: phase 1's facts and counts, the final files."""
+    base = {k: v for k, v in staged.items() if k not in ("counts", "files", "versions")}
+    counts = {k: v for k, v in staged["counts"].items() if k != "written"}
+    return write_metadata(args.output, base, counts, files, cleanup)
 
 
 def job_facts(args: argparse.Namespace, label_map) -> dict:
@@ -176,9 +181,12 @@ def run(argv: Sequence[str] | None = None, isolate: bool = True) -> dict:
         if phase1_reused:  # every unit of phase 1 was reused: say so in metadata.json's "run"
             staged["run"] = dict(staged.get("run") or {}, phase1_reused=True,
                                  units_reused=(staged.get("run") or {}).get("units", 0))
-        # TensorFlow (TFT) stays out of local multi-process pipelines; see options.run_pipeline.
-        job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
-                                 isolate=isolate, loads_tensorflow=True)
+        if staged["counts"]["written"] == 0:  # no row, no mean: an empty split, which the verdict names
+            write_final_metadata(args, staged, [], (fileutil.join(args.output, STAGING),))
+        else:
+            # TensorFlow (TFT) stays out of local multi-process pipelines; see options.run_pipeline.
+            job_options.run_pipeline(build_mean, job_options.in_process(pipeline_options), args, staged,
+                                     isolate=isolate, loads_tensorflow=True)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("downsample finished: %s", meta["counts"])
     return meta

@@ -159,15 +159,14 @@ def build(p: beam.Pipeline, args: argparse.Namespace, label_map: LabelMap) -> No
     extracted = todo | "Extract" >> beam.ParDo(_ExtractUnitFn(args.output, label_map, getattr(args, "progress", None)))
     records = (extracted, finished | "EarlierRecords" >> beam.Map(finished_record, args.output)) \
         | "AllUnits" >> beam.Flatten()
-    failures = (index_failures, records | "UnitFailures" >> beam.FlatMap(record_failures)) \
-        | "AllFailures" >> beam.Flatten()
+    failures = (index_failures, records | "UnitFailures" >> beam.FlatMap(record_failures))
     files = (records
              | "PerSplit" >> beam.Map(lambda r: (r["split"], r["images"]))
              | "ImagesPerSplit" >> beam.CombinePerKey(sum)
              | "AsEntry" >> beam.MapTuple(lambda split, n: {"file": f"{split}/", "rows": n}))
     n_failed = failures | "WriteFailures" >> WriteFailures(args.output)
-    n_read = ((records | "Images" >> beam.Map(lambda r: r["images"]),
-               failures | "OnePerFailure" >> beam.Map(lambda _: 1))
+    n_read = ((records | "ImagesAndFailures" >> beam.Map(lambda r: r["images"] + len(r["failures"])),
+               index_failures | "OnePerIndexFailure" >> beam.Map(lambda _: 1))
               | "AllRead" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum))
     _ = p | "WriteMetadata" >> WriteMetadata(
         args.output, counts={"read": n_read, "failed": n_failed}, files=files,

@@ -159,6 +159,9 @@ class _TerminalStream:
             self._console.python_line(self._pending)
             self._pending = ""
 
+    def close(self) -> None:  # logging's handlers close their stream at exit: the terminal stays open
+        self.flush()
+
     def isatty(self) -> bool:
         return os.isatty(self._console._terminal)
 

@@ -32,7 +32,7 @@ IMAGE = "us-central1-docker.pkg.dev/imagebeam-test/imagebeam/imagebeam-dataflow-
 BUCKET = "gs://imagebeam-test-bucket"
 # Steps of colorize that run on CPU workers: none of them (nor their parts) may ask for a GPU.
 CPU_STEPS = ("IndexInputs", "BucketCount", "StageImages", "MergeChunks", "Letterbox", "WriteRecordFiles",
-             "AllFailures", "WriteFailures", "CountUnits", "EmbeddingSizes", "WriteMetadata")
+             "WriteFailures", "CountUnits", "EmbeddingSizes", "WriteMetadata")
 SOURCE_DIRS = ("imagebeam", "pipelines", "runners", "transforms")  # installed as imagebeam, imagebeam.pipelines, ...
 # Shipped modules that never run on Beam workers and whose imports come from a setup.py extra instead.
 OPTIONAL_MODULES = {

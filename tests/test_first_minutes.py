@@ -171,14 +171,17 @@ def _all_bad_folder(root, n):
 
 
 @pytest.mark.pipeline
-def test_every_image_failing_is_not_a_success(tmp_path):
+@pytest.mark.parametrize("job,split", [("resize", "images"), ("downsample", "train")])
+def test_every_image_failing_is_not_a_success(tmp_path, job, split):
+    """Not a failing step either: downsample has no row to average, and says so as its verdict."""
     photos = tmp_path / "photos"
     _all_bad_folder(photos, 5)
     out = tmp_path / "out"
-    proc = imagebeam(["resize", "--input", str(photos), "--output", str(out), "--size", "16"], tmp_path)
+    proc = imagebeam([job, "--input", str(photos), "--output", str(out), "--size", "16"], tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "failed in step" not in proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert "NOT USABLE" in last and "5 of 5 inputs failed" in last and "images split is empty" in last
+    assert "NOT USABLE" in last and "5 of 5 inputs failed" in last and f"{split} split is empty" in last
     with open(out / "metadata.json") as f:
         meta = json.load(f)
     assert meta["verdict"]["usable"] is False and meta["counts"]["failed"] == 5

@@ -156,3 +156,40 @@ def test_stage_memory_option_is_checked_before_the_pipeline_and_kept_out_of_the_
         default = staging.fingerprint("j", job.make_parser().parse_args(
             ["--input", str(tmp_path), "--output", "o"]), [str(tmp_path)])
         assert low == default  # a killed run resumes with another budget
+
+
+def test_order_key_sorts_as_the_tuple_of_strings():
+    """Prefixes, NUL bytes, non-ASCII and lone surrogates (file names decoded with surrogateescape)."""
+    import random
+
+    rng = random.Random(7)
+    alphabet = ["", "a", "b", "\0", "\1", "é", "\udc80", "\uffff", "😀", "/", "a\0", "ab"]
+    tuples = {tuple("".join(rng.choice(alphabet) for _ in range(rng.randrange(4))) for _ in range(3))
+              for _ in range(3000)}
+    assert sorted(tuples) == sorted(tuples, key=lambda t: staging.order_key(*t))
+
+
+def test_sort_to_runs_then_merge_runs_is_a_sort_in_bounded_runs(tmp_path):
+    """Elements spread over several bundles and runs (a budget of 1 MiB) come back in one sorted stream."""
+    import random
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    rng = random.Random(3)
+    items = [(f"k{rng.randrange(5000):05d}", "x" * rng.randrange(400)) for _ in range(20_000)]
+    prefix = str(tmp_path / "runs" / "part-")
+    with beam.Pipeline() as p:
+        runs = (p | beam.Create(items, reshuffle=True)
+                | staging.SortToRuns(prefix, lambda kv: (0, (kv[0] + kv[1]).encode(), kv[1].encode()), memory_mb=1)
+                | beam.combiners.ToList())
+        got = runs | beam.Map(lambda rs: [(k.decode()[:6], v.decode())
+                                          for k, v in staging.merge_runs(sorted(r["run"] for r in rs))])
+        counts = runs | beam.Map(lambda rs: (len(rs), sum(r["count"] for r in rs)))
+        assert_that(got, equal_to([sorted(items)]), label="Sorted")
+        assert_that(counts, lambda c: _at_least_runs(c, 4, len(items)), label="Runs")
+
+
+def _at_least_runs(counts, runs, total):
+    (n_runs, n), = counts
+    assert n_runs >= runs and n == total, counts

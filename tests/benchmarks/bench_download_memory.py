@@ -6,6 +6,10 @@ namespace of its own (`unshare -n`) where one is available, so no packet can lea
 grows with the list: reading and cutting it, the per-URL bookkeeping, the merges and the manifest.
 
     python tests/benchmarks/bench_download_memory.py [--sizes 200000 2000000] [--workdir DIR] [--json PATH]
+    python tests/benchmarks/bench_download_memory.py --job downsample --sizes 40000 400000
+
+`--job downsample|colorize` gives the list as `--input` of that job instead (a URL list as an image
+source): every line becomes a line of failures.jsonl, so this measures the failure path's memory too.
 
 Prints, per size, the peak RSS of the job's whole process tree (sampled every 0.1 s), wall time and lines/s;
 then the growth per line between the two sizes, the projection to fall11_urls.txt (14,197,122 lines) and
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,9 +42,12 @@ def write_refused_list(path: str, n: int) -> None:
 
 
 def isolated() -> List[str]:
-    """`unshare -n` (a network namespace with nothing in it) when this machine allows it, else nothing."""
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
-        return ["unshare", "-n"]
+    """A network namespace with nothing in it but a loopback that is up (a multi-process Beam runner's
+    workers talk gRPC on 127.0.0.1), when this machine allows it; else nothing."""
+    wrap = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if shutil.which("unshare") and shutil.which("ip") and subprocess.run(
+            [*wrap, "true"], capture_output=True).returncode == 0:
+        return wrap
     return []
 
 
@@ -51,15 +59,20 @@ class MemoryRun(NamedTuple):
     command: List[str]
 
 
-def measure(n: int, workdir: str, extra: List[str] = ()) -> MemoryRun:
-    """`imagebeam download` on an n-line refused list, its process tree's RSS sampled throughout."""
+JOB_ARGS = {"download": [], "downsample": ["--size", "8"], "colorize": ["--embedding", "none"]}
+
+
+def measure(n: int, workdir: str, job: str = "download") -> MemoryRun:
+    """`imagebeam JOB` on an n-line refused list, its process tree's RSS sampled throughout."""
     listing, out = os.path.join(workdir, f"refused-{n}.txt"), os.path.join(workdir, f"out-{n}")
     write_refused_list(listing, n)
-    cmd = [*isolated(), sys.executable, "-m", "imagebeam.cli", "download", "--input", listing, "--output", out,
-           *extra]
+    cmd = [*isolated(), sys.executable, "-m", "imagebeam.cli", job, "--input", listing, "--output", out,
+           *JOB_ARGS[job]]
     run = common.run_measured(cmd, exit_codes=(1,))  # every URL refused: no dataset, so exit 1 by design
     with open(os.path.join(out, "metadata.json")) as f:
         counts = json.load(f)["counts"]
+    if job != "download":  # an image job counts the list's lines as read, each one a failure
+        counts = dict(counts, listed=counts["read"], ok=counts["written"])
     shutil.rmtree(out, ignore_errors=True)
     os.remove(listing)
     return MemoryRun(n, run.peak_rss, run.wall, counts, cmd)
@@ -71,6 +84,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="folder for the lists and outputs (about 1.5 KB per line at "
                                                      "the larger size; a tmpfs such as /dev/shm is fine: its files "
                                                      "are not in any process's RSS)")
+    ap.add_argument("--job", choices=sorted(JOB_ARGS), default="download",
+                    help="the job given the list (downsample/colorize: as its --input)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write a summary dict")
     args = ap.parse_args()
     print(common.machine_line(common.machine()))
@@ -79,7 +94,7 @@ def main() -> None:
     runs = []
     try:
         for n in args.sizes:
-            r = measure(n, work)
+            r = measure(n, work, args.job)
             runs.append(r)
             assert r.counts["listed"] == n and r.counts["ok"] == 0, r.counts
             print(f"{n:>10,} lines: peak RSS {r.peak_rss / common.MIB:7.1f} MiB, {r.wall:7.1f} s, "
@@ -93,9 +108,10 @@ def main() -> None:
     print(f"growth {growth:.1f} bytes/line; projected for {FALL11_LINES:,} lines: {projected / common.MIB:.0f} MiB; "
           f"{large.lines // small.lines}x the lines: {ratio:.3f}x the peak "
           f"({'meets' if projected < GOAL_BYTES and ratio <= 1.10 else 'misses'} the goal: < 1 GiB, <= 1.10x)")
-    print(f"command: {' '.join(large.command[:-4])} --input LIST --output DIR")
+    print(f"command: {shlex.join(large.command[:-4 - len(JOB_ARGS[args.job])])} --input LIST --output DIR "
+          f"{' '.join(JOB_ARGS[args.job])}")
     common.write_json(args.json, {
-        "job": "download-memory", "sizes": [r.lines for r in runs],
+        "job": f"{args.job}-memory", "sizes": [r.lines for r in runs],
         "peak_rss_mib": [r.peak_rss / common.MIB for r in runs], "wall_s": [r.wall for r in runs],
         "lines_per_s": [r.lines / r.wall for r in runs], "growth_bytes_per_line": growth,
         "projected_fall11_mib": projected / common.MIB, "peak_ratio": ratio, "machine": common.machine()})

@@ -6,6 +6,7 @@ once complete: a killed job leaves temporaries, never a truncated file under a f
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 import zlib
 from typing import BinaryIO, Callable, Iterable, Iterator, List
@@ -36,6 +37,12 @@ def remove_leftover_temporaries(root: str) -> None:
     """Delete the hidden temporary files (`.NAME.inprogress-*`) a killed run left anywhere below `root`;
     for a job resuming in an output folder it writes into (every final name is whole already)."""
     delete_existing(matching([join(root, f".*{TEMP_MARK}*"), join(root, "**", f".*{TEMP_MARK}*")]))
+
+
+def read_json(path: str):
+    """A JSON file (metadata.json, a marker) through Beam's filesystems."""
+    with FileSystems.open(path) as f:
+        return json.load(f)
 
 
 def ensure_dir(directory: str) -> None:

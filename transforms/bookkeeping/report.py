@@ -14,31 +14,77 @@ from typing import Callable, Dict, List, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from imagebeam.transforms.bookkeeping.fileutil import delete_existing, join, write_atomically
+from imagebeam.transforms.bookkeeping import staging
+from imagebeam.transforms.bookkeeping.fileutil import (TEMP_MARK, delete_existing, join, matching,  # noqa: F401
+                                                    read_json, write_atomically, write_with)
 from imagebeam.transforms.inputs.sources import Failure
+
+
+def failure_key(f: Failure) -> tuple:
+    """failures.jsonl's order: (source, member, reason)."""
+    return f.source, f.member or "", f.reason
+
+
+def failure_line(f: Failure) -> bytes:
+    return (json.dumps(f.to_json(), sort_keys=True) + "\n").encode("utf-8")
 
 
 def failure_lines(failures: List[Failure]) -> bytes:
     """One JSON object per line, in a stable order (source, member, reason)."""
-    ordered = sorted(failures, key=lambda f: (f.source, f.member or "", f.reason))
-    return "".join(json.dumps(f.to_json(), sort_keys=True) + "\n" for f in ordered).encode("utf-8")
+    return b"".join(failure_line(f) for f in sorted(failures, key=failure_key))
+
+
+def failure_entry(f: Failure) -> tuple:
+    """A failure as a staged entry: its line, under a key that sorts as `failure_key` does (equal keys
+    have equal lines, so the file's bytes do not depend on which worker saw what)."""
+    return 0, staging.order_key(*failure_key(f)), failure_line(f)
+
+
+# Failures a worker holds before it writes them out as a sorted run (about 250 bytes each).
+FAILURE_RUN_MB = 16
 
 
 class WriteFailures(beam.PTransform):
-    """Failures -> DIR/failures.jsonl (written even when empty); emits the number of failures."""
+    """Failures (one PCollection or several) -> DIR/failures.jsonl (written even when empty); emits the
+    number of failures.
+
+    An external sort: each worker writes the failures it produces as sorted runs (fused with the step
+    that failed them: a failure set is never gathered, or flattened, in the runner's memory), and one
+    step merges the runs into the file. 14 M dead links of a URL list take disk, not memory.
+    """
 
     def __init__(self, output: str):
         super().__init__()
-        self._path = join(output, "failures.jsonl")
+        self._output = output
 
     def expand(self, failures):
-        path = self._path
+        sets = list(failures) if isinstance(failures, (tuple, list)) else [failures]
+        output, prefix = self._output, join(self._output, f".failures.jsonl{TEMP_MARK}run-")
+        runs = [fs | f"SortFailures{i}" >> staging.SortToRuns(prefix, failure_entry, FAILURE_RUN_MB)
+                for i, fs in enumerate(sets)]
+        return (tuple(runs) | "AllFailureRuns" >> beam.Flatten()
+                | "GatherRuns" >> beam.combiners.ToList()
+                | "WriteJsonl" >> beam.Map(merge_failure_runs, output))
 
-        def write(items: List[Failure]) -> int:
-            write_atomically(path, failure_lines(items))
-            return len(items)
 
-        return failures | "AllFailures" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
+def merge_failure_runs(runs: List[dict], output: str) -> int:
+    """Sorted runs -> output/failures.jsonl (streamed), then the runs (and any a killed run left) go."""
+    paths = sorted(r["run"] for r in runs)
+
+    def write(f) -> None:
+        block: List[bytes] = []
+        held = 0
+        for _, line in staging.merge_runs(paths):
+            block.append(line)
+            held += len(line)
+            if held >= 1 << 20:
+                f.write(b"".join(block))
+                block, held = [], 0
+        f.write(b"".join(block))
+
+    write_with(join(output, "failures.jsonl"), write)
+    delete_existing(set(paths) | set(matching([join(output, f".failures.jsonl{TEMP_MARK}run-*")])))
+    return sum(r["count"] for r in runs)
 
 
 class CountAll(beam.PTransform):
@@ -100,12 +146,6 @@ def _metadata_writer(output: str, extra: dict, cleanup: tuple = ()) -> Callable:
         meta.update({k[len("side_"):]: v for k, v in sides.items() if k.startswith("side_")})
         return write_metadata(output, meta, counts, files, cleanup)
     return write
-
-
-def read_json(path: str) -> dict:
-    """A JSON file (metadata.json) through Beam's filesystems."""
-    with FileSystems.open(path) as f:
-        return json.load(f)
 
 
 def write_metadata(output: str, meta: dict, counts: Dict[str, int], files: List[dict],

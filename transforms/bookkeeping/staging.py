@@ -30,11 +30,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.bookkeeping.report import read_json
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob, Indexed, WorkUnit, read_unit
 
 FAILURES = "failures"
@@ -81,7 +81,7 @@ def read_marker(path: str) -> Optional[Any]:
     if not FileSystems.exists(path):
         return None
     try:
-        return read_json(path)
+        return fileutil.read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -137,6 +137,67 @@ def read_slice(path: str, offset: int, length: int) -> List[Tuple[bytes, bytes]]
         out.append((bytes(view[at:at + n_key]), bytes(view[at + n_key:at + n_key + n_payload])))
         at += n_key + n_payload
     return out
+
+
+def iter_run(path: str) -> Iterator[Tuple[bytes, bytes]]:
+    """A whole run's (key, payload) entries in file order, read as a stream (any size, bounded memory)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while header := f.read(_ENTRY.size):
+            if len(header) != _ENTRY.size:
+                raise IOError(f"staged run {path} ends inside an entry")
+            _, n_key, n_payload = _ENTRY.unpack(header)
+            body = f.read(n_key + n_payload)
+            if len(body) != n_key + n_payload:
+                raise IOError(f"staged run {path} ends inside an entry")
+            yield body[:n_key], body[n_key:]
+
+
+def merge_runs(paths: Sequence[str]) -> Iterator[Tuple[bytes, bytes]]:
+    """The entries of whole runs merged by key (equal keys in the order of `paths`), one entry per run
+    held at a time: the merge of an external sort."""
+    return heapq.merge(*(iter_run(p) for p in paths), key=lambda e: e[0])
+
+
+def order_key(*fields: str) -> bytes:
+    """Bytes that sort as the tuple of strings does (code point order, a shorter prefix first): UTF-8
+    keeps code point order; each field ends with 00 00 and its own 00 bytes become 00 01."""
+    return b"".join(f.encode("utf-8", "surrogatepass").replace(b"\0", b"\0\1") + b"\0\0" for f in fields)
+
+
+class _SortToRunsFn(beam.DoFn):
+    """Elements -> entries (`entry_fn`) -> sorted runs `PREFIX<uuid>.run[.NNNNN]` of about `memory_mb`
+    each; one {"run", "count"} per run at the end of the bundle (the elements themselves go no further)."""
+
+    def __init__(self, prefix: str, entry_fn: Callable[[Any], Entry], memory_mb: int):
+        self._prefix, self._entry_fn, self._budget = prefix, entry_fn, max(1, memory_mb) << 20
+
+    def start_bundle(self):
+        self._runs = _BoundedRuns(self._prefix + uuid.uuid4().hex, self._budget)
+
+    def process(self, element):
+        self._runs.append(self._entry_fn(element))
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for path, index in self._runs.flush():
+            described = {"run": path, "count": sum(n for _, _, _, n in index)}
+            yield WindowedValue(described, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+
+class SortToRuns(beam.PTransform):
+    """Elements -> descriptors {"run", "count"} of sorted runs on disk, written by the worker that holds
+    the elements (fused with their producer, so the elements are never gathered in one place). With
+    `merge_runs` over every descriptor's run, this is an external sort in bounded memory: used for
+    outputs that every job writes in one sorted file (failures.jsonl) whatever their number."""
+
+    def __init__(self, prefix: str, entry_fn: Callable[[Any], Entry], memory_mb: int = 16):
+        super().__init__()
+        self._fn = _SortToRunsFn(prefix, entry_fn, memory_mb)
+
+    def expand(self, elements):
+        return elements | "SortToRuns" >> beam.ParDo(self._fn)
 
 
 # --- stage: units -> runs + markers --------------------------------------------------------------------

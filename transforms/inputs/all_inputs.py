@@ -65,8 +65,9 @@ class IndexAllInputs(beam.PTransform):
 
 
 class StageFromIndex(beam.PTransform):
-    """`Indexed` (given here; apply to the pipeline) -> (summaries, failures): every image staged in
-    sorted runs (transforms/bookkeeping/staging.py).
+    """`Indexed` (given here; apply to the pipeline) -> (summaries, failure sets): every image staged in
+    sorted runs (transforms/bookkeeping/staging.py). The failure sets are a tuple of PCollections, not
+    flattened: WriteFailures sorts each where it is produced.
 
     Image sources are staged work unit by work unit (a re-run skips finished units); fetched URL-list
     images, which cannot be read again, are staged as they arrive. `memory_mb`: staged bytes a worker
@@ -90,11 +91,10 @@ class StageFromIndex(beam.PTransform):
             summaries.append(s)
             failures.append(f)
         if indexed.entries is not None:
-            blobs, fetch_failures = indexed.entries | "FetchImages" >> FetchImages(
-                self._config, FileSystems.join(self._staging, "urls"))
-            s, f = ((blobs, fetch_failures) | "FetchedAndFailed" >> beam.Flatten()
+            s, f = (indexed.entries
+                    | "FetchImages" >> FetchImages(self._config, FileSystems.join(self._staging, "urls"))
                     | "StageFetched" >> StageStream(self._staging, self._item_fn, self._side, self._progress,
                                                      self._memory_mb))
             summaries.append(s)
             failures.append(f)
-        return _flatten(summaries, "AllSummaries"), _flatten(failures, "AllStageFailures")
+        return _flatten(summaries, "AllSummaries"), tuple(failures)

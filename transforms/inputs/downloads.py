@@ -20,10 +20,9 @@ import queue
 import threading
 import time
 import uuid
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
-from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -222,6 +221,9 @@ class FetchFn(FetchingDoFn):
             yield self._count(future.result())
 
     def process(self, element):
+        if isinstance(element, Failure):  # source mode: a repeated URL, accounted for upstream
+            yield element
+            return
         entry, existing = element
         self._pool.submit(self._work, entry, existing).add_done_callback(self._done.put)
         self._in_flight += 1
@@ -248,7 +250,7 @@ def url_entry_item(entry: UrlEntry):
 
 def first_of_each_url(task, entries) -> Iterator:
     """A merged bucket of staged entries (sorted by `url_entry_item`'s key) -> (first entry, no file) of
-    every URL to fetch, and a Failure for every repeat of it."""
+    every URL to fetch, and a Failure for every repeat of it (on the same output: FetchFn passes it on)."""
     def entry_of(payload: bytes) -> UrlEntry:
         fields = [None if v == "" else v for v in json.loads(payload.decode("utf-8", "surrogateescape"))]
         return UrlEntry(fields[0] or "", *fields[1:])
@@ -257,22 +259,26 @@ def first_of_each_url(task, entries) -> Iterator:
         group = list(group)
         yield group[0], None
         for repeat in group[1:]:
-            yield pvalue.TaggedOutput("repeats", Failure(repeat.source, repeat.url, f"repeated URL: listed "
-                                                                                    f"{len(group)} times, fetched once"))
+            yield Failure(repeat.source, repeat.url, f"repeated URL: listed {len(group)} times, fetched once")
 
 
-def to_blob(result: Downloaded):
-    """ok -> ImageBlob named by its key or file name; anything else -> Failure (tagged)."""
+def to_blob(result: Union[Downloaded, Failure]) -> Union[ImageBlob, Failure]:
+    """ok -> ImageBlob named by its key or file name; anything else -> Failure."""
+    if isinstance(result, Failure):
+        return result
     record, entry = result.record, result.entry
     if record["status"] == "ok":
-        return [ImageBlob(entry.source, entry.url, entry.key or record["file"], entry.label, result.data)]
+        return ImageBlob(entry.source, entry.url, entry.key or record["file"], entry.label, result.data)
     reason = f"{record['status']}: {record['reason'] or ''}".rstrip(": ")
-    return [pvalue.TaggedOutput("failures", Failure(entry.source, entry.url, reason))]
+    return Failure(entry.source, entry.url, reason)
 
 
 class FetchImages(beam.PTransform):
-    """UrlEntry -> (ImageBlob, Failure): a URL list as an image source (no image stored on disk; the
+    """UrlEntry -> ImageBlob or Failure: a URL list as an image source (no image stored on disk; the
     list's entries are staged under `staging` to find repeated URLs in bounded memory).
+
+    One output, not two: a stager consumes both, fused with the fetch, so neither the images nor the
+    failures are ever gathered by the runner (a Flatten of two outputs would be).
 
     Each URL is fetched once (repeats become failures, so every listed line is accounted for); the
     image's name is its key (fall11 id, --key-column) or `md5(url).ext`, its class the entry's label.
@@ -286,13 +292,10 @@ class FetchImages(beam.PTransform):
         # Repeats are found by a sort-merge of the entries staged on disk (bucketed by the URL's md5), not
         # by a GroupByKey that would hold every listed URL (14 M for fall11) in the runner's memory.
         summaries, _ = entries | "StageUrls" >> StageStream(self._staging, url_entry_item)
-        firsts = summaries | "FirstOfEach" >> MergeBuckets(self._staging, first_of_each_url, resumable=False,
-                                                           tags=["repeats"])
-        out = (firsts.main
-               | "Fetch" >> beam.ParDo(FetchFn(self._config, None, full_decode=False))
-               | "ToBlobs" >> beam.FlatMap(to_blob).with_outputs("failures", main="blobs"))
-        failures = (out.failures, firsts.repeats) | "FetchFailures" >> beam.Flatten()
-        return out.blobs, failures
+        return (summaries
+                | "FirstOfEach" >> MergeBuckets(self._staging, first_of_each_url, resumable=False)
+                | "Fetch" >> beam.ParDo(FetchFn(self._config, None, full_decode=False))
+                | "ToBlobs" >> beam.Map(to_blob))
 
 
 # --- download job: content dedupe ------------------------------------------------------------------
