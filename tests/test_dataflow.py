@@ -339,8 +339,8 @@ def test_shipped_package_declares_what_its_code_imports(shipped):
 
     reqs = requirements(shipped["pkg_info"])
     direct = {_canonical(r.name) for r in reqs[None]}
-    assert {"apache-beam", "numpy", "pillow", "opencv-python-headless", "google-crc32c", "scipy", "tensorflow",
-            "tensorflow-transform"} <= direct
+    assert {"apache-beam", "numpy", "pillow", "opencv-python-headless", "google-crc32c", "scipy", "numba",
+            "tensorflow", "tensorflow-transform"} <= direct
     assert any(r.name == "apache-beam" and "gcp" in r.extras for r in reqs[None])  # gs:// on the workers
     provided = closure(reqs[None])
     dists = packages_distributions()
