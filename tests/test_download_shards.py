@@ -186,3 +186,16 @@ def test_rerun_of_a_finished_list_fetches_and_reads_nothing(photos, tmp_path, mo
         third = download.run(args)
         assert len(calls) == 1 and server.total_requests() == before + 1 and server.requests("/q7.jpg") == 2
         assert third["counts"]["processed_this_run"] == 1 and third["statuses"] == first["statuses"]
+
+
+@pytest.mark.pipeline
+def test_memory_bound_on_a_refused_list_given_as_colorize_input(tmp_path):
+    """The same bound when the list is an image job's --input: every line is a failure, sorted into
+    failures.jsonl on disk (2.2 GiB at 400,000 lines when failures were gathered in memory)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "benchmarks"))
+    from bench_download_memory import GOAL_BYTES, measure
+
+    run = measure(400_000, str(tmp_path), job="colorize")
+    print(f"400,000 refused lines as colorize --input: peak RSS {run.peak_rss / 2 ** 20:.0f} MiB, {run.wall:.0f} s")
+    assert run.counts["read"] == run.counts["failed"] == 400_000 and run.counts["written"] == 0
+    assert run.peak_rss < GOAL_BYTES

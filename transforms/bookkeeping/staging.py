@@ -49,6 +49,15 @@ DEFAULT_STAGE_MEMORY_MB = 128
 _ENTRY = struct.Struct("<III")  # bucket, key length, payload length; then key, payload
 
 Entry = Tuple[int, bytes, bytes]                  # (bucket, sort key, payload)
+# What a held entry costs beyond its key and payload bytes: a 3-tuple, two bytes objects, a list slot.
+# Counted against the budget, so that small entries (URL-list lines: ~100 bytes of payload) are held
+# within --stage-memory too, not at several times it.
+_HELD_OVERHEAD = 140
+
+
+def held_size(entry: Entry) -> int:
+    """The memory an entry takes while a worker holds it (for the --stage-memory budget)."""
+    return _HELD_OVERHEAD + len(entry[1]) + len(entry[2])
 ItemFn = Callable[..., Union[Entry, Failure]]      # (ImageBlob, *side values) -> entry or failure
 
 
@@ -232,7 +241,7 @@ class _BoundedRuns:
 
     def append(self, entry: Entry) -> None:
         self._entries.append(entry)
-        self._size += _ENTRY.size + len(entry[1]) + len(entry[2])
+        self._size += held_size(entry)
         if self._size >= self._budget:
             self.flush()
 
@@ -363,7 +372,7 @@ class _StageStreamFn(beam.DoFn):
         self._failed += len(failures)
         for f in failures:  # at once: a list of dead links must not pile up in memory
             yield pvalue.TaggedOutput(FAILURES, f)
-        self._bytes += sum(len(e[2]) for e in self._entries[before:])
+        self._bytes += sum(held_size(e) for e in self._entries[before:])
         if self._bytes >= self._budget:
             yield from self._flush()
 

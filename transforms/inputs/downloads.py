@@ -273,6 +273,11 @@ def to_blob(result: Union[Downloaded, Failure]) -> Union[ImageBlob, Failure]:
     return Failure(entry.source, entry.url, reason)
 
 
+# The listed entries a worker holds before writing them as a sorted run: lines are small, so a list
+# reaches this within ~100,000 lines per worker and memory is flat from there (more runs, not more memory).
+URL_STAGE_MEMORY_MB = 32
+
+
 class FetchImages(beam.PTransform):
     """UrlEntry -> ImageBlob or Failure: a URL list as an image source (no image stored on disk; the
     list's entries are staged under `staging` to find repeated URLs in bounded memory).
@@ -291,7 +296,8 @@ class FetchImages(beam.PTransform):
     def expand(self, entries):
         # Repeats are found by a sort-merge of the entries staged on disk (bucketed by the URL's md5), not
         # by a GroupByKey that would hold every listed URL (14 M for fall11) in the runner's memory.
-        summaries, _ = entries | "StageUrls" >> StageStream(self._staging, url_entry_item)
+        summaries, _ = entries | "StageUrls" >> StageStream(self._staging, url_entry_item,
+                                                            memory_mb=URL_STAGE_MEMORY_MB)
         return (summaries
                 | "FirstOfEach" >> MergeBuckets(self._staging, first_of_each_url, resumable=False)
                 | "Fetch" >> beam.ParDo(FetchFn(self._config, None, full_decode=False))

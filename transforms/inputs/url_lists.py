@@ -210,11 +210,10 @@ class _ReadOneList(beam.PTransform):
             return (pbegin
                     | "ReadParquet" >> beam.io.ReadFromParquet(path, columns=columns)
                     | "Parse" >> beam.Map(parse_record, *cols, source=path))
-        if kind == "tgz":
+        if kind == "tgz":  # streamed by one worker into what follows (a Reshuffle would hold every line)
             return (pbegin
                     | "Path" >> beam.Create([path])
-                    | "StreamTgz" >> beam.FlatMap(stream_tgz_lines)
-                    | "Spread" >> beam.Reshuffle())
+                    | "StreamTgz" >> beam.FlatMap(stream_tgz_lines))
         skip = 1 if kind == "csv" else 0
         lines = pbegin | "ReadLines" >> beam.io.ReadFromText(path, coder=coders.BytesCoder(),
                                                              skip_header_lines=skip)
