@@ -32,7 +32,8 @@ from imagebeam.transforms.bookkeeping import fileutil, staging
 from imagebeam.transforms.bookkeeping.report import conclude, read_json, versions
 from imagebeam.transforms.inputs import download_shards as shards
 from imagebeam.transforms.inputs.downloads import JOURNAL
-from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards
+from imagebeam.transforms.bookkeeping.progress import ProgressTicker
+from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards, estimated_lines
 from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     config = network_options.fetch_config(args)
     output, columns = args.output, network_options.list_columns(args)
     progress = getattr(args, "progress", None)
+    listed = estimated_lines(args.input) if progress else None
+    if listed:  # the progress line's "of ~N, ETA" (no pass over the lists: see estimated_lines)
+        ProgressTicker(progress).total(listed)
     summaries = (p
                  | "Lists" >> beam.Create(list(enumerate(args.input)))
                  | "CutShards" >> beam.FlatMapTuple(cut_shards, args.shard_size, *columns)

@@ -57,3 +57,43 @@ def test_a_local_job_reports_every_image(tmp_path, monkeypatch):
     monitor = seen[0]
     assert monitor.ok == 6 * 5 + 8 and monitor.failed == 0
     assert os.path.exists(tmp_path / "out" / "metadata.json")
+
+
+def test_list_size_estimates_the_total_without_reading_the_list(tmp_path):
+    """Plain lists: size over the first MiB's bytes per line; Parquet: its row count; compressed: none."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imagebeam.transforms.inputs.url_lists import estimated_lines
+
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"n{i:08d}_{i}\thttp://example.org/{'x' * (i % 40)}/{i}.jpg\n" for i in range(60_000)))
+    assert big.stat().st_size > 2 << 20  # beyond the sample
+    assert abs(estimated_lines([str(big)]) - 60_000) < 60_000 * 0.05
+    small = tmp_path / "small.csv"
+    small.write_text("url,label\nhttp://a/1.jpg,x\nhttp://a/2.jpg,y\n")
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"url": [f"http://b/{i}" for i in range(123)]}), table)
+    assert estimated_lines([str(small), str(table)]) == 2 + 123
+    packed = tmp_path / "l.txt.gz"
+    packed.write_bytes(gzip.compress(big.read_bytes()))
+    assert estimated_lines([str(small), str(packed)]) is None
+
+
+@pytest.mark.pipeline
+def test_the_download_job_tells_the_monitor_its_total(tmp_path, monkeypatch):
+    from imagebeam.pipelines import download
+
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"http://10.0.0.{i}/{i}.jpg\n" for i in range(30)))  # refused: no traffic
+    seen = []
+
+    def recording(job, options):
+        seen.append(ProgressMonitor(job, enabled=True, stream=io.StringIO(), every=0.0))
+        return seen[-1]
+
+    monkeypatch.setattr(job_options, "progress_monitor", recording)
+    download.run(["--input", str(listing), "--output", str(tmp_path / "out")])
+    assert seen[0].total == 30 and seen[0].failed == 30

@@ -179,6 +179,37 @@ def stream_tgz_lines(path: str) -> Iterator[UrlEntry]:
                     yield entry
 
 
+# --- the progress line's total ------------------------------------------------------------------------
+
+_SAMPLE_BYTES = 1 << 20
+
+
+def estimated_lines(paths: List[str]) -> Optional[int]:
+    """About how many entries the lists hold, without reading them: a Parquet file's row count, a plain
+    list's size over the bytes per line of its first MiB (exact when smaller). None when any list is
+    compressed (its size says little): the progress line then has no ETA."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    total = 0
+    for path in fileutil.matching(paths):
+        kind = list_format(path)
+        if kind == "tgz" or _strip_compression(path) != path:
+            return None
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+            continue
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            sample = f.read(_SAMPLE_BYTES)
+        lines = sample.count(b"\n") + (1 if sample and not sample.endswith(b"\n") and len(sample) == size else 0)
+        lines -= 1 if kind == "csv" else 0  # the header
+        total += lines if len(sample) == size else round(size * lines / max(1, len(sample)))
+    return total
+
+
 # --- the Beam source --------------------------------------------------------------------------------------
 
 class ReadUrlLists(beam.PTransform):
