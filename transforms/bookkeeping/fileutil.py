@@ -95,7 +95,7 @@ def write_with(path: str, writer: Callable[[BinaryIO], None]) -> str:
     return path
 
 
-_COPY_BLOCK = 16 << 20
+_COPY_BLOCK = 1 << 20   # one reused buffer: a fresh 16 MB block per read cost colorize ~0.25 ms per 606 KB record
 
 
 def concat_files(path: str, sources: Iterable[str], compression: str = "none", move_single: bool = True) -> None:
@@ -109,11 +109,23 @@ def concat_files(path: str, sources: Iterable[str], compression: str = "none", m
     if compression != "gzip" and len(sources) == 1 and move_single:
         move_into_place(sources[0], path)
         return
+    buffer = bytearray(_COPY_BLOCK)
+    view = memoryview(buffer)
     with atomic_writer(path) as out:
         deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
         for source in sources:
             with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
-                while block := src.read(_COPY_BLOCK):
+                while block := _read_block(src, buffer, view):
                     out.write(deflate.compress(block) if deflate else block)
         if deflate:
             out.write(deflate.flush())
+
+
+def _read_block(src, buffer: bytearray, view: memoryview):
+    """The next block of `src` in the reused buffer (a view of it), or b"" at the end; streams without
+    readinto are read a block at a time."""
+    readinto = getattr(src, "readinto", None)
+    if readinto is None:
+        return src.read(len(buffer))
+    n = readinto(buffer)
+    return view[:n] if n else b""
