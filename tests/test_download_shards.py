@@ -43,6 +43,35 @@ def test_cut_shards_streams_consecutive_lines(tmp_path):
     assert shards[0].entries[0].label == "n01440764" and shards[0].entries[0].source == path
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_lists_are_inflated_a_block_at_a_time(tmp_path, suffix, monkeypatch):
+    """Python's streaming readers, not Beam's (which inflates a whole 16 MiB read at once): the same
+    lines as the plain list, concatenated gzip members included."""
+    import bz2
+    import lzma
+
+    from imagebeam.transforms.inputs import url_lists
+
+    text = "".join(f"n01440764_{i}\thttp://h/{i}.jpg\n" for i in range(5000)).encode()
+    pack = {".gz": lambda b: gzip.compress(b[:1000]) + gzip.compress(b[1000:]), ".bz2": bz2.compress,
+            ".xz": lzma.compress}[suffix]
+    path = tmp_path / f"urls.txt{suffix}"
+    path.write_bytes(pack(text))
+    monkeypatch.setattr(url_lists.FileSystems, "open", _only_raw(url_lists.FileSystems.open))
+    assert b"".join(url_lists._lines(str(path))) == text
+    assert [e.url for s in cut_shards(0, str(path), 1000) for e in s.entries] == [
+        f"http://h/{i}.jpg" for i in range(5000)]
+
+
+def _only_raw(open_):
+    def opened(path, *args, compression_type=None, **kwargs):
+        from apache_beam.io.filesystem import CompressionTypes
+
+        assert compression_type == CompressionTypes.UNCOMPRESSED, "Beam's decompressing reader was used"
+        return open_(path, *args, compression_type=compression_type, **kwargs)
+    return staticmethod(opened)
+
+
 def test_first_entries_keeps_the_first_in_entry_order():
     a, b = UrlEntry("http://h/a", "k2"), UrlEntry("http://h/a", "k1")
     firsts = first_entries([UrlEntry("http://h/z"), a, b])

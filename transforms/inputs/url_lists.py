@@ -9,16 +9,21 @@ holding a list is streamed by one worker, then spread out.
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import re
 import tarfile
-from typing import Iterator, List, NamedTuple, Optional
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam import coders
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms.bookkeeping import fileutil
@@ -75,7 +80,8 @@ def list_format(path: str) -> Optional[str]:
 def tgz_holds_list(path: str) -> bool:
     """True when the first regular member of a compressed tar is a text list."""
     try:
-        with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw, \
+                tarfile.open(fileobj=raw, mode="r|*") as tar:
             for info in tar:
                 if info.isfile():
                     return list_format(info.name) == "text"
@@ -169,7 +175,9 @@ def csv_header(path: str) -> List[str]:
 
 def stream_tgz_lines(path: str) -> Iterator[UrlEntry]:
     """Every entry of the text lists inside a `.tgz`, streamed (never the whole list in memory)."""
-    with FileSystems.open(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    # The raw bytes: tarfile's stream mode inflates them a block at a time (see open_decompressed).
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw, \
+            tarfile.open(fileobj=raw, mode="r|*") as tar:
         for info in tar:
             if not info.isfile() or list_format(info.name) != "text":
                 continue
@@ -188,7 +196,6 @@ def estimated_lines(paths: List[str]) -> Optional[int]:
     """About how many entries the lists hold, without reading them: a Parquet file's row count, a plain
     list's size over the bytes per line of its first MiB (exact when smaller). None when any list is
     compressed (its size says little): the progress line then has no ETA."""
-    from apache_beam.io.filesystem import CompressionTypes
 
     total = 0
     for path in fileutil.matching(paths):
@@ -274,9 +281,28 @@ class Shard(NamedTuple):
     entries: List[UrlEntry]
 
 
+@contextlib.contextmanager
+def open_decompressed(path: str) -> Iterator[BinaryIO]:
+    """A list file decompressed by its extension, in bounded memory: Python's gzip/bz2/lzma readers take
+    the raw stream a block at a time (Beam's own decompressing reader inflates a whole 16 MiB read at once,
+    about 100 MB of text for a list). .zst and .deflate go through Beam's reader."""
+    opener = _STREAM_DECOMPRESSORS.get(next((c for c in COMPRESSED if path.lower().endswith(c)), ""))
+    if opener is None:
+        with FileSystems.open(path) as f:
+            yield f
+        return
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw, opener(raw) as f:
+        yield f
+
+
+_STREAM_DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+                         ".bz2": lambda raw: bz2.BZ2File(raw, "rb"),
+                         ".xz": lambda raw: lzma.LZMAFile(raw, "rb"), ".lzma": lambda raw: lzma.LZMAFile(raw, "rb")}
+
+
 def _lines(path: str) -> Iterator[bytes]:
     """The lines of a file, decompressed by its extension (.gz, .bz2, ...), streamed."""
-    with FileSystems.open(path) as f:
+    with open_decompressed(path) as f:
         yield from iter(f.readline, b"")
 
 
