@@ -11,12 +11,12 @@ TensorFlow; only `read_lab_records` imports it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 from imagebeam.transforms.imaging import colour
-from imagebeam.transforms.formats.tfrecord import bytes_feature, example_bytes, float_feature
+from imagebeam.transforms.formats.tfrecord import bytes_feature_parts, example_parts, float_feature_parts
 
 RECORD_FORMATS = ("reference", "compact")
 L_VALUES = colour.LAB_SIZE * colour.LAB_SIZE          # 50,176
@@ -27,17 +27,24 @@ FEATURE_KEYS = ("image_name", "image_l", "image_ab", "image_embedding")
 def encode_example(name: str, l_norm: np.ndarray, ab_norm: np.ndarray, embedding: Optional[np.ndarray],
                    record_format: str = "reference") -> bytes:
     """One record: L' (224, 224), ab' (224, 224, 2) float32 and the embedding (or None) as an Example."""
+    return b"".join(encode_example_parts(name, l_norm, ab_norm, embedding, record_format))
+
+
+def encode_example_parts(name: str, l_norm: np.ndarray, ab_norm: np.ndarray, embedding: Optional[np.ndarray],
+                         record_format: str = "reference") -> List[bytes]:
+    """`encode_example` as parts whose concatenation is its bytes (each value array copied once)."""
     if record_format == "reference":
-        features = {"image_l": float_feature(l_norm.reshape(-1)), "image_ab": float_feature(ab_norm.reshape(-1))}
+        features = {"image_l": float_feature_parts(l_norm.reshape(-1)),
+                    "image_ab": float_feature_parts(ab_norm.reshape(-1))}
     elif record_format == "compact":
-        features = {"image_l": bytes_feature(colour.quantise_l(l_norm).tobytes()),
-                    "image_ab": bytes_feature(colour.quantise_ab(ab_norm).tobytes())}
+        features = {"image_l": bytes_feature_parts(colour.quantise_l(l_norm).tobytes()),
+                    "image_ab": bytes_feature_parts(colour.quantise_ab(ab_norm).tobytes())}
     else:
         raise ValueError(f"unknown record format {record_format!r}; choose from {RECORD_FORMATS}")
-    features["image_name"] = bytes_feature(name.encode("utf-8"))
+    features["image_name"] = bytes_feature_parts(name.encode("utf-8"))
     if embedding is not None:
-        features["image_embedding"] = float_feature(np.asarray(embedding).reshape(-1))
-    return example_bytes(features)
+        features["image_embedding"] = float_feature_parts(np.asarray(embedding).reshape(-1))
+    return example_parts(features)
 
 
 # --- reading (TensorFlow) ------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ from imagebeam.transforms.formats.batches import bucket_of, shuffle_key
 from imagebeam.transforms.imaging.decode import CHECK_DRAFT, DEFAULT_MAX_PIXELS, DecodeError, DraftSize, decode_rgb
 from imagebeam.transforms.bookkeeping.heap import keep_heap
 from imagebeam.transforms.bookkeeping.fileutil import concat_files, delete_existing, join, write_atomically, write_with
-from imagebeam.transforms.formats.lab_records import encode_example
+from imagebeam.transforms.formats.lab_records import encode_example_parts
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
 from imagebeam.transforms.bookkeeping.staging import read_marker
-from imagebeam.transforms.formats.tfrecord import frame_record
+from imagebeam.transforms.formats.tfrecord import frame_parts
 from imagebeam.transforms.imaging.resize import fit_array, fit_draft_size
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob
 
@@ -231,11 +231,17 @@ class ChunkMerger:
 
 # --- records, pieces and files -------------------------------------------------------------------------
 
-def chunk_record(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str, i: int) -> bytes:
-    """The framed TFRecord of item i of a chunk (Lab computed here, after the shuffle)."""
+def chunk_record_parts(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str,
+                       i: int) -> List[bytes]:
+    """The framed TFRecord of item i of a chunk as parts (Lab computed here, after the shuffle)."""
     l_norm, ab_norm = colour.lab_target(fitted.rgb[i])
     embedding = None if embeddings is None else embeddings[i]
-    return frame_record(encode_example(fitted.chunk.items[i].name, l_norm, ab_norm, embedding, record_format))
+    return frame_parts(encode_example_parts(fitted.chunk.items[i].name, l_norm, ab_norm, embedding, record_format))
+
+
+def chunk_record(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str, i: int) -> bytes:
+    """The framed TFRecord of item i of a chunk."""
+    return b"".join(chunk_record_parts(fitted, embeddings, record_format, i))
 
 
 def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str) -> List[bytes]:
@@ -248,7 +254,8 @@ def _write_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record
     """Records start..end-1 of a chunk, each written as soon as it is made: a chunk's records are never
     held together (64 x 606 KB: the heap grew and shrank by 38 MB a chunk, page faults included)."""
     for i in range(start, end):
-        f.write(chunk_record(fitted, embeddings, record_format, i))
+        for part in chunk_record_parts(fitted, embeddings, record_format, i):
+            f.write(part)
 
 
 class _WritePiecesFn(beam.DoFn):
