@@ -31,9 +31,10 @@ from imagebeam.runners import options as job_options
 from imagebeam.transforms.bookkeeping import fileutil, staging
 from imagebeam.transforms.bookkeeping.report import conclude, read_json, versions
 from imagebeam.transforms.inputs import download_shards as shards
+from imagebeam.transforms.inputs import url_lists
 from imagebeam.transforms.inputs.downloads import JOURNAL
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards, estimated_lines
+from imagebeam.transforms.inputs.url_lists import DEFAULT_SHARD_SIZE, cut_shards, estimated_lines, list_ranges
 from imagebeam.runners.checks import OneLineParser
 
 _LOG = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         ProgressTicker(progress).total(listed)
     summaries = (p
                  | "Lists" >> beam.Create(list(enumerate(args.input)))
-                 | "CutShards" >> beam.FlatMapTuple(cut_shards, args.shard_size, *columns)
+                 | "ListRanges" >> beam.FlatMapTuple(list_ranges, url_lists.LIST_RANGE_BYTES)
+                 | "SpreadRanges" >> beam.Reshuffle()   # a few small tuples: every worker takes ranges
+                 | "CutShards" >> beam.FlatMap(cut_shards, args.shard_size, *columns)
                  | "FetchShards" >> beam.ParDo(shards.FetchShardsFn(config, output, args.run_id, progress)))
     merged = summaries | "MergeUrls" >> staging.MergeBucketRanges(
         shards.state_path(output, shards.URLS),
@@ -137,7 +140,8 @@ def remove_leftovers(output: str) -> None:
 def prepare_state(args: argparse.Namespace) -> bool:
     """Keep the job's state (shards, merges, journal) if a killed run of the very same lists left it
     (True: resuming); otherwise start it afresh, indexing a finished run's manifest if there is one."""
-    facts = argparse.Namespace(columns=network_options.list_columns(args), shard_size=args.shard_size)
+    facts = argparse.Namespace(columns=network_options.list_columns(args), shard_size=args.shard_size,
+                               range_bytes=url_lists.LIST_RANGE_BYTES)
     state = fileutil.join(args.output, shards.STATE)
     resuming = staging.prepare(state, staging.fingerprint("download", facts, args.input))
     if not resuming:

@@ -15,7 +15,8 @@ from imagebeam.http_fixture import PhotoServer
 from imagebeam.pipelines import download
 from imagebeam.transforms.bookkeeping.staging import plan_bucket_ranges
 from imagebeam.transforms.inputs.download_shards import PreviousIndex, first_entries, sum_counts
-from imagebeam.transforms.inputs.url_lists import UrlEntry, cut_shards, url_md5
+from imagebeam.transforms.inputs import url_lists
+from imagebeam.transforms.inputs.url_lists import UrlEntry, cut_shards, list_ranges, stream_list, url_md5
 
 NET = ["--allow-private-networks", "--timeout", "0.5", "--retries", "0", "--threads", "8"]
 
@@ -36,11 +37,31 @@ def test_cut_shards_streams_consecutive_lines(tmp_path):
     path = str(tmp_path / "urls.txt.gz")
     with gzip.open(path, "wt") as f:
         f.write("# header\n\n" + "".join(f"n01440764_{i}\thttp://h/{i}.jpg\n" for i in range(7)))
-    shards = list(cut_shards(3, path, 3))
-    assert [s.id for s in shards] == ["0003-0000000", "0003-0000001", "0003-0000002"]
+    shards = [s for r in list_ranges(3, path) for s in cut_shards(r, 3)]
+    assert [s.id for s in shards] == ["0003-0000-0000000", "0003-0000-0000001", "0003-0000-0000002"]
     assert [[e.url for e in s.entries] for s in shards] == [[f"http://h/{i}.jpg" for i in r]
                                                              for r in ([0, 1, 2], [3, 4, 5], [6])]
     assert shards[0].entries[0].label == "n01440764" and shards[0].entries[0].source == path
+
+
+@pytest.mark.parametrize("name,header,line", [
+    ("urls.txt", "", "n01440764_{i}\thttp://h/{i}{pad}.jpg"),
+    ("urls.csv", "key,url\n", "k{i},http://h/{i}{pad}.jpg"),
+    ("urls.jsonl", "", '{{"url": "http://h/{i}{pad}.jpg", "key": "k{i}"}}')])
+@pytest.mark.parametrize("range_bytes", [1, 7, 37, 64, 4096])
+def test_byte_ranges_of_a_list_hold_each_line_once_in_order(tmp_path, name, header, line, range_bytes):
+    """Any worker may read any range: together they give the list's entries once each, in file order,
+    wherever the cuts fall (inside a line, on a line start, in the header), a last line without newline too."""
+    path = tmp_path / name
+    body = "\n".join(line.format(i=i, pad="x" * (i * 7 % 23)) for i in range(60))
+    path.write_text(header + body + ("" if range_bytes == 37 else "\n"))
+    ranges = list_ranges(2, str(path), range_bytes)
+    assert len(ranges) == -(-path.stat().st_size // range_bytes)
+    key = "url" if name != "urls.txt" else None
+    whole = list(stream_list(str(path), key_column=key and "key"))
+    cut = [e for r in ranges for s in cut_shards(r, 4, key_column=key and "key") for e in s.entries]
+    assert cut == whole and len(whole) == 60
+    assert len({s.id for r in ranges for s in cut_shards(r, 4)}) == sum(1 for r in ranges for _ in cut_shards(r, 4))
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
@@ -59,7 +80,7 @@ def test_compressed_lists_are_inflated_a_block_at_a_time(tmp_path, suffix, monke
     path.write_bytes(pack(text))
     monkeypatch.setattr(url_lists.FileSystems, "open", _only_raw(url_lists.FileSystems.open))
     assert b"".join(url_lists._lines(str(path))) == text
-    assert [e.url for s in cut_shards(0, str(path), 1000) for e in s.entries] == [
+    assert [e.url for r in list_ranges(0, str(path)) for s in cut_shards(r, 1000) for e in s.entries] == [
         f"http://h/{i}.jpg" for i in range(5000)]
 
 
@@ -128,8 +149,15 @@ def test_repeats_across_shards_give_the_one_shard_manifest(photos, tmp_path):
                                              "--direct_num_workers", "2"])):
             out = str(tmp_path / name)
             runs[name] = (download.run(["--input", str(listing), "--output", out, *NET, *extra]), out)
+        with pytest.MonkeyPatch.context() as patch:  # the list cut into ~6 byte ranges, spread on 2 workers
+            patch.setattr(url_lists, "LIST_RANGE_BYTES", 100)
+            out = str(tmp_path / "ranges-2proc")
+            runs["ranges-2proc"] = (download.run(["--input", str(listing), "--output", out, *NET, "--shard-size", "2",
+                                                  "--direct_running_mode", "multi_processing",
+                                                  "--direct_num_workers", "2"]), out)
     manifests = {name: read(os.path.join(out, "manifest.jsonl")) for name, (_, out) in runs.items()}
-    assert manifests["three"] == manifests["one"] == manifests["three-2proc"]
+    assert manifests["three"] == manifests["one"] == manifests["three-2proc"] == manifests["ranges-2proc"]
+    assert runs["ranges-2proc"][0]["counts"]["listed"] == len(lines)
     assert read(os.path.join(runs["three"][1], "metadata.json")) == read(os.path.join(runs["one"][1], "metadata.json"))
     meta, out = runs["three"]
     assert meta["counts"]["listed"] == len(lines) and meta["counts"]["repeated_lines"] == 5

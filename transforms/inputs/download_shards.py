@@ -1,6 +1,7 @@
 """The download job in bounded memory: list shards fetched as they are read, then bounded merges.
 
-A list is cut into shards of consecutive lines as it is read (`url_lists.cut_shards`); each shard is
+A list is cut into byte ranges that any worker may take (`url_lists.list_ranges`), each range into shards
+of consecutive lines as it is read (`url_lists.cut_shards`); each shard is
 fetched on the worker's thread pool (shards overlap, so the pool never drains between them) and ends as
 ONE run file of its records, sorted by (md5 of the URL, URL) and indexed by md5-prefix bucket, plus a
 completion marker. Nothing per URL crosses the runner; only shard summaries do. Then three bounded merges

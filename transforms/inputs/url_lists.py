@@ -318,38 +318,92 @@ def stream_list(spec: str, url_column: str = "url", key_column: Optional[str] = 
                 label_column: Optional[str] = None) -> Iterator[UrlEntry]:
     """Every entry of a list path or glob, in file order, parsed as `ReadUrlLists` parses it; never the
     whole list in memory. `source` is `spec` as given (a .tgz member: `spec/member`)."""
-    cols = (url_column, key_column, label_column)
-    kind = list_format(spec)
     paths = fileutil.matching([spec]) if any(c in spec for c in "*?[") else [spec]
     for path in paths:
-        if kind == "tgz":
-            yield from (e._replace(source=spec + e.source[len(path):]) for e in stream_tgz_lines(path))
-        elif kind == "parquet":
-            yield from (parse_record(r, *cols, source=spec)
-                        for r in _parquet_records(path, [c for c in cols if c]))
+        yield from stream_range(ListRange(0, spec, path, 0, 0, -1), url_column, key_column, label_column)
+
+
+# A plain (uncompressed) list is cut into byte ranges of this size, each read by whichever worker takes
+# it: a cluster fetches one big list on all its workers. A compressed list is one range.
+LIST_RANGE_BYTES = 64 << 20
+
+
+class ListRange(NamedTuple):
+    """Bytes [start, end) of one list file (end -1: the whole file, read as a stream); a line belongs to
+    the range it starts in. `index` numbers the ranges of list `number` (shard ids: number-index-count)."""
+    number: int
+    spec: str
+    path: str
+    index: int
+    start: int
+    end: int
+
+
+def list_ranges(number: int, spec: str, range_bytes: Optional[int] = None) -> List[ListRange]:
+    """The `number`-th list (a path or glob) as ranges: sizes only, nothing of the list is read."""
+    range_bytes = range_bytes or LIST_RANGE_BYTES
+    kind = list_format(spec)
+    paths = fileutil.matching([spec]) if any(c in spec for c in "*?[") else [spec]
+    out: List[ListRange] = []
+    for path in paths:
+        if kind in ("text", "csv", "jsonl") and _strip_compression(path) == path.lower():
+            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+            for start in range(0, max(size, 1), range_bytes):
+                out.append(ListRange(number, spec, path, len(out), start, min(size, start + range_bytes)))
         else:
-            lines = _lines(path)
-            if kind == "csv":
-                header = csv_header(path)
-                next(lines, None)
-                parsed = (parse_csv_line(line, header, *cols, source=spec) for line in lines)
-            elif kind == "jsonl":
-                parsed = (parse_json_line(line, *cols, source=spec) for line in lines)
-            else:
-                parsed = (parse_text_line(line, spec) for line in lines)
-            yield from (e for e in parsed if e is not None)
+            out.append(ListRange(number, spec, path, len(out), 0, -1))
+    return out
 
 
-def cut_shards(number: int, spec: str, size: int = DEFAULT_SHARD_SIZE, url_column: str = "url",
+def _range_lines(path: str, start: int, end: int) -> Iterator[bytes]:
+    """The lines that start in bytes [start, end) of an uncompressed file."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        at = start
+        if start > 0:  # the line under way at `start` belongs to the range before
+            f.seek(start - 1)
+            at = start - 1 + len(f.readline())
+        while at < end:
+            line = f.readline()
+            if not line:
+                return
+            at += len(line)
+            yield line
+
+
+def stream_range(r: ListRange, url_column: str = "url", key_column: Optional[str] = None,
+                 label_column: Optional[str] = None) -> Iterator[UrlEntry]:
+    """The entries of one range of a list, in file order (see stream_list)."""
+    cols = (url_column, key_column, label_column)
+    kind, spec, path = list_format(r.spec), r.spec, r.path
+    if kind == "tgz":
+        yield from (e._replace(source=spec + e.source[len(path):]) for e in stream_tgz_lines(path))
+        return
+    if kind == "parquet":
+        yield from (parse_record(rec, *cols, source=spec) for rec in _parquet_records(path, [c for c in cols if c]))
+        return
+    lines = _lines(path) if r.end < 0 else _range_lines(path, r.start, r.end)
+    if kind == "csv":
+        header = csv_header(path)
+        if r.start == 0:
+            next(lines, None)
+        parsed = (parse_csv_line(line, header, *cols, source=spec) for line in lines)
+    elif kind == "jsonl":
+        parsed = (parse_json_line(line, *cols, source=spec) for line in lines)
+    else:
+        parsed = (parse_text_line(line, spec) for line in lines)
+    yield from (e for e in parsed if e is not None)
+
+
+def cut_shards(r: ListRange, size: int = DEFAULT_SHARD_SIZE, url_column: str = "url",
                key_column: Optional[str] = None, label_column: Optional[str] = None) -> Iterator[Shard]:
-    """The `number`-th list cut into shards of `size` consecutive entries as it is read: the first shard
-    is out after `size` lines, whatever the list's length (no pass over the whole list first)."""
+    """A list range cut into shards of `size` consecutive entries as it is read: the first shard is out
+    after `size` lines, whatever the list's length (no pass over the whole list first)."""
     entries: List[UrlEntry] = []
     count = 0
-    for entry in stream_list(spec, url_column, key_column, label_column):
+    for entry in stream_range(r, url_column, key_column, label_column):
         entries.append(entry)
         if len(entries) == size:
-            yield Shard(f"{number:04d}-{count:07d}", entries)
+            yield Shard(f"{r.number:04d}-{r.index:04d}-{count:07d}", entries)
             entries, count = [], count + 1
     if entries:
-        yield Shard(f"{number:04d}-{count:07d}", entries)
+        yield Shard(f"{r.number:04d}-{r.index:04d}-{count:07d}", entries)
