@@ -7,9 +7,10 @@ bytes (not pixels: less disk) in a sorted run on disk, under key-range buckets (
 each bucket is merged from the runs and cut into chunks of `--batch-size` consecutive items, which are
 decoded and letterboxed again. A chunk is the unit of the embedding (one model call, the same images in
 it whatever the runner or worker count, so the float results repeat bit for bit) and of writing: its
-records go to staged pieces, one per output file it touches (global ranks follow from the per-bucket
-counts), then a chunk marker; each output file is the concatenation of its pieces in (bucket, chunk)
-order, then a file marker. A re-run skips finished units, chunks and files.
+images (299 pixels, name, embedding) go to staged pieces, one per output file it touches (global ranks
+follow from the per-bucket counts), then a chunk marker; each output file is written once from its
+pieces in (bucket, chunk) order, the Lab target and record of each image made as it is written, then a
+file marker. A re-run skips finished units, chunks and files.
 """
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ import hashlib
 import json
 import math
 import struct
+import zlib
 from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats.batches import bucket_of, shuffle_key
 from imagebeam.transforms.imaging.decode import CHECK_DRAFT, DEFAULT_MAX_PIXELS, DecodeError, DraftSize, decode_rgb
 from imagebeam.transforms.bookkeeping.heap import keep_heap
-from imagebeam.transforms.bookkeeping.fileutil import concat_files, delete_existing, join, write_atomically, write_with
+from imagebeam.transforms.bookkeeping.fileutil import atomic_writer, delete_existing, join, write_atomically, write_with
 from imagebeam.transforms.formats.lab_records import encode_example_parts
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
 from imagebeam.transforms.bookkeeping.staging import read_marker
@@ -125,7 +128,7 @@ def file_spans(first_rank: int, n: int, per_file: int) -> Iterator[Tuple[int, in
 
 
 def piece_name(split: str, file_index: int, bucket: int, chunk: int) -> str:
-    return f"{split}-{file_index:06d}-{bucket:05d}-{chunk:05d}.piece"
+    return f"{split}-{file_index:06d}-{bucket:05d}-{chunk:05d}.pixels"
 
 
 # --- decode check + staging ---------------------------------------------------------------------------
@@ -233,10 +236,15 @@ class ChunkMerger:
 
 def chunk_record_parts(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str,
                        i: int) -> List[bytes]:
-    """The framed TFRecord of item i of a chunk as parts (Lab computed here, after the shuffle)."""
-    l_norm, ab_norm = colour.lab_target(fitted.rgb[i])
+    """The framed TFRecord of item i of a chunk as parts."""
     embedding = None if embeddings is None else embeddings[i]
-    return frame_parts(encode_example_parts(fitted.chunk.items[i].name, l_norm, ab_norm, embedding, record_format))
+    return record_parts(fitted.chunk.items[i].name, fitted.rgb[i], embedding, record_format)
+
+
+def record_parts(name: str, rgb: np.ndarray, embedding: Optional[np.ndarray], record_format: str) -> List[bytes]:
+    """The framed TFRecord of one 299 RGB image as parts (Lab computed here, after the shuffle)."""
+    l_norm, ab_norm = colour.lab_target(rgb)
+    return frame_parts(encode_example_parts(name, l_norm, ab_norm, embedding, record_format))
 
 
 def chunk_record(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str, i: int) -> bytes:
@@ -249,20 +257,84 @@ def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_
     return [chunk_record(fitted, embeddings, record_format, i) for i in range(len(fitted.chunk.items))]
 
 
-def _write_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str, start: int,
-                   end: int, f) -> None:
-    """Records start..end-1 of a chunk, each written as soon as it is made: a chunk's records are never
-    held together (64 x 606 KB: the heap grew and shrank by 38 MB a chunk, page faults included)."""
+# A piece holds its images, not their records: per image a header (name length, embedding length or -1),
+# the name, the float32 embedding and the 299 x 299 x 3 pixels (268 KB, against 606 KB for the record).
+# The records are made as their file is written (`write_record_file`), so each is written once: staging
+# whole records as pieces and copying them into their file cost ~0.2 ms an image more (606 KB written,
+# read and written again). Pieces of a run before this (`.piece`, whole records) are still copied as they are.
+_PIECE_ITEM = struct.Struct("<Ii")
+PIXELS_PIECE, RECORDS_PIECE = ".pixels", ".piece"
+
+
+def _write_images(fitted: FittedChunk, embeddings: Optional[np.ndarray], start: int, end: int, f) -> None:
     for i in range(start, end):
-        for part in chunk_record_parts(fitted, embeddings, record_format, i):
-            f.write(part)
+        name = fitted.chunk.items[i].name.encode("utf-8")
+        emb = b"" if embeddings is None else np.ascontiguousarray(embeddings[i], dtype="<f4").tobytes()
+        f.write(_PIECE_ITEM.pack(len(name), -1 if embeddings is None else len(emb) // 4) + name + emb)
+        f.write(np.ascontiguousarray(fitted.rgb[i]).data)
+
+
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise IOError(f"staged piece ends inside an image ({len(data)} of {n} bytes)")
+    return data
+
+
+def _read_into(f, view: memoryview, path: str) -> None:
+    """Fill `view` from `f` (into the reused pixel buffer: no 268 KB object an image)."""
+    at = 0
+    while at < len(view):
+        n = f.readinto(view[at:]) if hasattr(f, "readinto") else None
+        if n is None:
+            data = f.read(len(view) - at)
+            view[at:at + len(data)] = data
+            n = len(data)
+        if not n:
+            raise IOError(f"staged piece {path} ends inside an image")
+        at += n
+
+
+def _piece_records(path: str, record_format: str) -> Iterator[List[bytes]]:
+    """The records of an image piece, each as parts, made one at a time."""
+    rgb = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while header := f.read(_PIECE_ITEM.size):
+            if len(header) != _PIECE_ITEM.size:
+                raise IOError(f"staged piece {path} ends inside an image header")
+            n_name, n_emb = _PIECE_ITEM.unpack(header)
+            name = _read_exact(f, n_name).decode("utf-8")
+            embedding = None if n_emb < 0 else np.frombuffer(_read_exact(f, 4 * n_emb), dtype="<f4")
+            _read_into(f, memoryview(rgb).cast("B"), path)
+            yield record_parts(name, rgb, embedding, record_format)
+
+
+def write_record_file(path: str, pieces: List[str], record_format: str, compression: str = "none") -> None:
+    """The record file `path` from its pieces in order, written once (gzip: one deflate stream, no file
+    name, mtime 0, as concat_files writes it)."""
+    buffer = bytearray(1 << 20)
+    with atomic_writer(path) as out:
+        deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
+        write = (lambda b: out.write(deflate.compress(b))) if deflate else out.write
+        for piece in pieces:
+            if piece.endswith(RECORDS_PIECE):
+                with FileSystems.open(piece, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+                    while n := src.readinto(buffer):
+                        write(memoryview(buffer)[:n])
+                continue
+            for parts in _piece_records(piece, record_format):
+                for part in parts:
+                    write(part)
+        if deflate:
+            out.write(deflate.flush())
 
 
 class _WritePiecesFn(beam.DoFn):
-    """A chunk's records -> one piece per output file it touches, then the chunk's marker."""
+    """A chunk's images (pixels, name, embedding) -> one piece per output file it touches, then the
+    chunk's marker."""
 
-    def __init__(self, staging: str, record_format: str, per_file: int, progress: Optional[str] = None):
-        self._staging, self._format, self._per_file = staging, record_format, per_file
+    def __init__(self, staging: str, per_file: int, progress: Optional[str] = None):
+        self._staging, self._per_file = staging, per_file
         self._progress = ProgressTicker(progress)
 
     def setup(self):
@@ -279,7 +351,7 @@ class _WritePiecesFn(beam.DoFn):
         pieces = []
         for file_index, start, end in file_spans(chunk.first_rank, n, self._per_file):
             path = join(self._staging, piece_name(chunk.split, file_index, chunk.bucket, chunk.index))
-            write_with(path, functools.partial(_write_records, fitted, embeddings, self._format, start, end))
+            write_with(path, functools.partial(_write_images, fitted, embeddings, start, end))
             pieces.append(((chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start, size)))
         write_atomically(chunk_marker(self._staging, chunk.split, chunk.bucket, chunk.index),
                          json.dumps(pieces).encode("utf-8"))
@@ -305,7 +377,7 @@ class WriteRecordFiles(beam.PTransform):
         self._progress = progress
 
     def expand(self, chunks_with_embeddings):
-        output, staging, compression = self._output, self._staging, self._compression
+        output, staging, compression, record_format = self._output, self._staging, self._compression, self._format
 
         def write_file(element) -> dict:
             (split, file_index), pieces = element
@@ -315,7 +387,7 @@ class WriteRecordFiles(beam.PTransform):
             if recorded is not None and FileSystems.exists(join(output, name)):
                 return recorded
             ordered = sorted(tuple(p) for p in pieces)
-            concat_files(join(output, name), [p[2] for p in ordered], compression, move_single=False)
+            write_record_file(join(output, name), [p[2] for p in ordered], record_format, compression)
             sizes = {p[4] for p in ordered}
             done = {"file": name, "rows": sum(p[3] for p in ordered), "split": split,
                     "embedding_size": max(sizes)}
@@ -324,7 +396,7 @@ class WriteRecordFiles(beam.PTransform):
             return done
 
         written = chunks_with_embeddings | "WritePieces" >> beam.ParDo(
-            _WritePiecesFn(self._staging, self._format, self._per_file, self._progress))
+            _WritePiecesFn(self._staging, self._per_file, self._progress))
         pieces = (written, self._done) | "AllPieces" >> beam.Flatten() if self._done is not None else written
         return (pieces
                 | "KeyByFile" >> beam.MapTuple(lambda key, piece: (tuple(key), tuple(piece)))
