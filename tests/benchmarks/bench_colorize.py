@@ -286,7 +286,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-pin", action="store_true", help="do not pin the run to one core (adds 2 workers)")
     p.add_argument("--work-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where the pipeline's inputs and outputs go (default /dev/shm, a tmpfs: a record is "
-                        "606 KB, written as a piece and again in its file, so on a disk the job measures the "
+                        "606 KB, written once in its file after its 268 KB of pixels went to a piece, so on a disk "
+                        "the job measures the "
                         "disk's write bandwidth, not the CPU side; pass a disk folder to see that)")
     p.add_argument("--json", default=None, metavar="PATH", help="write a summary dict (for bench_all.py)")
     args = p.parse_args(argv)
