@@ -35,6 +35,19 @@ def make_preprocessing_fn():
     return preprocessing_fn
 
 
+def publish_transform_fn(written: str, output: str) -> None:
+    """Move `transform_fn/` and `transformed_metadata/` from where TFT wrote them into `output` (each a
+    single rename of a complete folder; through TensorFlow's filesystems, as TFT's own publishing)."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    for name in (tft.TFTransformOutput.TRANSFORMED_METADATA_DIR, tft.TFTransformOutput.TRANSFORM_FN_DIR):
+        target = join(output, name)
+        if tf.io.gfile.exists(target):
+            tf.io.gfile.rmtree(target)
+        tf.io.gfile.rename(join(written, name), target, overwrite=True)
+
+
 def mean_from_transform_fn(transform_output_dir: str, row_size: int) -> np.ndarray:
     """Apply the written graph as users do to an all-zero row: out = -mean/255, so mean = -255 * out."""
     import tensorflow as tf
@@ -133,7 +146,12 @@ class AnalyzeMean(beam.PTransform):
         with tft_beam.Context(temp_dir=self.temp_dir, force_tf_compat_v1=False):
             transform_fn = ((record_batches, adapter_config)
                             | "AnalyzeMean" >> tft_beam.AnalyzeDataset(make_preprocessing_fn()))
-            written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output)
+            # TFT writes below its path in a visible `transform_tmp/` first: a kill there would leave it in
+            # the output. So it writes inside the hidden scratch folder, and the result is moved in after.
+            published = join(self.temp_dir, "published")
+            written = (transform_fn
+                       | "WriteTransformFn" >> tft_beam.WriteTransformFn(published)
+                       | "PublishTransformFn" >> beam.Map(lambda _: publish_transform_fn(published, output)))
         exact = staged[SUMS] | "ExactMean" >> beam.CombineGlobally(_ExactMeanFn())
         # Read the mean back from the published graph, the one users will load.
         return written | "ReadMeanBack" >> beam.Map(
