@@ -32,6 +32,8 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from imagebeam.transforms.bookkeeping import fileutil
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
@@ -49,6 +51,7 @@ DEFAULT_STAGE_MEMORY_MB = 128
 _ENTRY = struct.Struct("<III")  # bucket, key length, payload length; then key, payload
 
 Entry = Tuple[int, bytes, bytes]                  # (bucket, sort key, payload)
+ItemFn = Callable[..., Union[Entry, Failure]]      # (ImageBlob, *side values) -> entry or failure
 # What a held entry costs beyond its key and payload bytes: a 3-tuple, two bytes objects, a list slot.
 # Counted against the budget, so that small entries (URL-list lines: ~100 bytes of payload) are held
 # within --stage-memory too, not at several times it.
@@ -58,7 +61,6 @@ _HELD_OVERHEAD = 140
 def held_size(entry: Entry) -> int:
     """The memory an entry takes while a worker holds it (for the --stage-memory budget)."""
     return _HELD_OVERHEAD + len(entry[1]) + len(entry[2])
-ItemFn = Callable[..., Union[Entry, Failure]]      # (ImageBlob, *side values) -> entry or failure
 
 
 # --- the staging folder of one job ---------------------------------------------------------------------
@@ -148,6 +150,11 @@ def read_slice(path: str, offset: int, length: int) -> List[Tuple[bytes, bytes]]
     return out
 
 
+def at_bundle_end(value: Any) -> WindowedValue:
+    """`value` as a DoFn's finish_bundle must yield it (in the global window)."""
+    return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+
 def iter_run(path: str) -> Iterator[Tuple[bytes, bytes]]:
     """A whole run's (key, payload) entries in file order, read as a stream (any size, bounded memory)."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -187,12 +194,8 @@ class _SortToRunsFn(beam.DoFn):
         self._runs.append(self._entry_fn(element))
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
         for path, index in self._runs.flush():
-            described = {"run": path, "count": sum(n for _, _, _, n in index)}
-            yield WindowedValue(described, GlobalWindow().max_timestamp(), [GlobalWindow()])
+            yield at_bundle_end({"run": path, "count": sum(n for _, _, _, n in index)})
 
 
 class SortToRuns(beam.PTransform):
@@ -377,13 +380,8 @@ class _StageStreamFn(beam.DoFn):
             yield from self._flush()
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        for out in self._flush():
-            tag, value = (FAILURES, out.value) if isinstance(out, pvalue.TaggedOutput) else (None, out)
-            windowed = WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
-            yield pvalue.TaggedOutput(tag, windowed) if tag else windowed
+        for summary in self._flush():  # summaries only: failures went out as they came
+            yield at_bundle_end(summary)
         self._stager.flush()
 
     def _flush(self):
