@@ -77,6 +77,9 @@ def test_list_size_estimates_the_total_without_reading_the_list(tmp_path):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"url": [f"http://b/{i}" for i in range(123)]}), table)
     assert estimated_lines([str(small), str(table)]) == 2 + 123
+    upper = tmp_path / "URLS.TXT"  # a suffix in capitals is no compression
+    upper.write_bytes(big.read_bytes())
+    assert abs(estimated_lines([str(upper)]) - 60_000) < 60_000 * 0.05
     packed = tmp_path / "l.txt.gz"
     packed.write_bytes(gzip.compress(big.read_bytes()))
     assert estimated_lines([str(small), str(packed)]) is None

@@ -19,7 +19,7 @@ import json
 import lzma
 import re
 import tarfile
-from typing import BinaryIO, Iterator, List, NamedTuple, Optional
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import coders
@@ -51,12 +51,30 @@ def url_md5(url: str) -> str:
     return hashlib.md5(url.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _compression(path: str) -> str:
+    """The compression suffix of `path` (one of COMPRESSED), "" for none."""
+    lower = path.lower()
+    return next((suffix for suffix in COMPRESSED if lower.endswith(suffix)), "")
+
+
 def _strip_compression(path: str) -> str:
     lower = path.lower()
-    for suffix in COMPRESSED:
-        if lower.endswith(suffix):
-            return lower[: -len(suffix)]
-    return lower
+    return lower[: len(lower) - len(_compression(lower))]
+
+
+def _list_paths(spec: str) -> List[str]:
+    """The files a list path or glob names (a plain path as it is, without listing it)."""
+    return fileutil.matching([spec]) if any(c in spec for c in "*?[") else [spec]
+
+
+def _sized_files(patterns: List[str]) -> List[Tuple[str, int]]:
+    """(path, size in bytes) of every file the paths or globs name, sorted: one listing for both."""
+    return sorted((m.path, m.size_in_bytes) for r in FileSystems.match(list(patterns)) for m in r.metadata_list)
+
+
+def _splittable(path: str) -> bool:
+    """A plain line-oriented list: its size says how many lines, and it can be read from any offset."""
+    return list_format(path) in ("text", "csv", "jsonl") and not _compression(path)
 
 
 def list_format(path: str) -> Optional[str]:
@@ -93,7 +111,7 @@ def tgz_holds_list(path: str) -> bool:
 def is_url_list(path: str) -> bool:
     kind = list_format(path)
     if kind == "tgz":
-        matched = fileutil.matching([path]) if any(c in path for c in "*?[") else [path]
+        matched = _list_paths(path)
         return bool(matched) and tgz_holds_list(matched[0])
     return kind is not None
 
@@ -196,23 +214,20 @@ def estimated_lines(paths: List[str]) -> Optional[int]:
     """About how many entries the lists hold, without reading them: a Parquet file's row count, a plain
     list's size over the bytes per line of its first MiB (exact when smaller). None when any list is
     compressed (its size says little): the progress line then has no ETA."""
-
     total = 0
-    for path in fileutil.matching(paths):
-        kind = list_format(path)
-        if kind == "tgz" or _strip_compression(path) != path:
-            return None
-        if kind == "parquet":
+    for path, size in _sized_files(paths):
+        if list_format(path) == "parquet" and not _compression(path):
             import pyarrow.parquet as pq
 
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 total += pq.ParquetFile(f).metadata.num_rows
             continue
-        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        if not _splittable(path):  # compressed, or a .tgz
+            return None
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             sample = f.read(_SAMPLE_BYTES)
         lines = sample.count(b"\n") + (1 if sample and not sample.endswith(b"\n") and len(sample) == size else 0)
-        lines -= 1 if kind == "csv" else 0  # the header
+        lines -= 1 if list_format(path) == "csv" else 0  # the header
         total += lines if len(sample) == size else round(size * lines / max(1, len(sample)))
     return total
 
@@ -286,7 +301,7 @@ def open_decompressed(path: str) -> Iterator[BinaryIO]:
     """A list file decompressed by its extension, in bounded memory: Python's gzip/bz2/lzma readers take
     the raw stream a block at a time (Beam's own decompressing reader inflates a whole 16 MiB read at once,
     about 100 MB of text for a list). .zst and .deflate go through Beam's reader."""
-    opener = _STREAM_DECOMPRESSORS.get(next((c for c in COMPRESSED if path.lower().endswith(c)), ""))
+    opener = _STREAM_DECOMPRESSORS.get(_compression(path))
     if opener is None:
         with FileSystems.open(path) as f:
             yield f
@@ -318,8 +333,7 @@ def stream_list(spec: str, url_column: str = "url", key_column: Optional[str] = 
                 label_column: Optional[str] = None) -> Iterator[UrlEntry]:
     """Every entry of a list path or glob, in file order, parsed as `ReadUrlLists` parses it; never the
     whole list in memory. `source` is `spec` as given (a .tgz member: `spec/member`)."""
-    paths = fileutil.matching([spec]) if any(c in spec for c in "*?[") else [spec]
-    for path in paths:
+    for path in _list_paths(spec):
         yield from stream_range(ListRange(0, spec, path, 0, 0, -1), url_column, key_column, label_column)
 
 
@@ -342,16 +356,18 @@ class ListRange(NamedTuple):
 def list_ranges(number: int, spec: str, range_bytes: Optional[int] = None) -> List[ListRange]:
     """The `number`-th list (a path or glob) as ranges: sizes only, nothing of the list is read."""
     range_bytes = range_bytes or LIST_RANGE_BYTES
-    kind = list_format(spec)
-    paths = fileutil.matching([spec]) if any(c in spec for c in "*?[") else [spec]
+    if list_format(spec) not in ("text", "csv", "jsonl"):
+        return [ListRange(number, spec, path, i, 0, -1) for i, path in enumerate(_list_paths(spec))]
+    sized = _sized_files([spec])
+    if not sized:
+        raise FileNotFoundError(f"URL list {spec} matches no file")
     out: List[ListRange] = []
-    for path in paths:
-        if kind in ("text", "csv", "jsonl") and _strip_compression(path) == path.lower():
-            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-            for start in range(0, max(size, 1), range_bytes):
-                out.append(ListRange(number, spec, path, len(out), start, min(size, start + range_bytes)))
-        else:
+    for path, size in sized:
+        if _compression(path):
             out.append(ListRange(number, spec, path, len(out), 0, -1))
+            continue
+        for start in range(0, max(size, 1), range_bytes):
+            out.append(ListRange(number, spec, path, len(out), start, min(size, start + range_bytes)))
     return out
 
 
