@@ -9,7 +9,7 @@ import contextlib
 import json
 import uuid
 import zlib
-from typing import BinaryIO, Callable, Iterable, Iterator, List
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, List
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -110,15 +110,28 @@ def concat_files(path: str, sources: Iterable[str], compression: str = "none", m
         move_into_place(sources[0], path)
         return
     buffer = bytearray(_COPY_BLOCK)
-    view = memoryview(buffer)
+    with compressed_writer(path, compression) as write:
+        for source in sources:
+            copy_file_into(source, write, buffer)
+
+
+@contextlib.contextmanager
+def compressed_writer(path: str, compression: str = "none") -> Iterator[Callable[[bytes], Any]]:
+    """A `write(bytes)` into `path` (atomic, see atomic_writer); gzip as one deflate stream (zlib, no file
+    name, mtime 0), so the same input gives the same bytes."""
     with atomic_writer(path) as out:
         deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
-        for source in sources:
-            with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
-                while block := _read_block(src, buffer, view):
-                    out.write(deflate.compress(block) if deflate else block)
+        yield (lambda data: out.write(deflate.compress(data))) if deflate else out.write
         if deflate:
             out.write(deflate.flush())
+
+
+def copy_file_into(source: str, write: Callable[[bytes], Any], buffer: bytearray) -> None:
+    """Stream `source`'s bytes to `write` through the reused `buffer` (no fresh block per read)."""
+    view = memoryview(buffer)
+    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+        while block := _read_block(src, buffer, view):
+            write(block)
 
 
 def _read_block(src, buffer: bytearray, view: memoryview):

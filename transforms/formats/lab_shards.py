@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import struct
-import zlib
 from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -32,7 +31,8 @@ from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats.batches import bucket_of, shuffle_key
 from imagebeam.transforms.imaging.decode import CHECK_DRAFT, DEFAULT_MAX_PIXELS, DecodeError, DraftSize, decode_rgb
 from imagebeam.transforms.bookkeeping.heap import keep_heap
-from imagebeam.transforms.bookkeeping.fileutil import atomic_writer, delete_existing, join, write_atomically, write_with
+from imagebeam.transforms.bookkeeping.fileutil import (compressed_writer, copy_file_into, delete_existing, join,
+                                                    write_atomically, write_with)
 from imagebeam.transforms.formats.lab_records import encode_example_parts
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
 from imagebeam.transforms.bookkeeping.staging import read_marker
@@ -234,27 +234,17 @@ class ChunkMerger:
 
 # --- records, pieces and files -------------------------------------------------------------------------
 
-def chunk_record_parts(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str,
-                       i: int) -> List[bytes]:
-    """The framed TFRecord of item i of a chunk as parts."""
-    embedding = None if embeddings is None else embeddings[i]
-    return record_parts(fitted.chunk.items[i].name, fitted.rgb[i], embedding, record_format)
-
-
 def record_parts(name: str, rgb: np.ndarray, embedding: Optional[np.ndarray], record_format: str) -> List[bytes]:
     """The framed TFRecord of one 299 RGB image as parts (Lab computed here, after the shuffle)."""
     l_norm, ab_norm = colour.lab_target(rgb)
     return frame_parts(encode_example_parts(name, l_norm, ab_norm, embedding, record_format))
 
 
-def chunk_record(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str, i: int) -> bytes:
-    """The framed TFRecord of item i of a chunk."""
-    return b"".join(chunk_record_parts(fitted, embeddings, record_format, i))
-
-
 def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str) -> List[bytes]:
     """The framed TFRecords of a chunk, in order."""
-    return [chunk_record(fitted, embeddings, record_format, i) for i in range(len(fitted.chunk.items))]
+    return [b"".join(record_parts(item.name, fitted.rgb[i], None if embeddings is None else embeddings[i],
+                                  record_format))
+            for i, item in enumerate(fitted.chunk.items)]
 
 
 # A piece holds its images, not their records: per image a header (name length, embedding length or -1),
@@ -313,20 +303,14 @@ def write_record_file(path: str, pieces: List[str], record_format: str, compress
     """The record file `path` from its pieces in order, written once (gzip: one deflate stream, no file
     name, mtime 0, as concat_files writes it)."""
     buffer = bytearray(1 << 20)
-    with atomic_writer(path) as out:
-        deflate = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
-        write = (lambda b: out.write(deflate.compress(b))) if deflate else out.write
+    with compressed_writer(path, compression) as write:
         for piece in pieces:
             if piece.endswith(RECORDS_PIECE):
-                with FileSystems.open(piece, compression_type=CompressionTypes.UNCOMPRESSED) as src:
-                    while n := src.readinto(buffer):
-                        write(memoryview(buffer)[:n])
+                copy_file_into(piece, write, buffer)
                 continue
             for parts in _piece_records(piece, record_format):
                 for part in parts:
                     write(part)
-        if deflate:
-            out.write(deflate.flush())
 
 
 class _WritePiecesFn(beam.DoFn):

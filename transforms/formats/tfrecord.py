@@ -64,20 +64,17 @@ def example_parts(features: Dict[str, List[bytes]]) -> List[bytes]:
 
 def bytes_feature(value: bytes) -> bytes:
     """Feature{bytes_list: BytesList{value: [value]}}."""
-    return _len_field(1, _len_field(1, value))
+    return b"".join(bytes_feature_parts(value))
 
 
 def float_feature(values: np.ndarray) -> bytes:
     """Feature{float_list: FloatList{value: values}} (packed little-endian float32)."""
-    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
-    return _len_field(2, _len_field(1, data))
+    return b"".join(float_feature_parts(values))
 
 
 def example_bytes(features: dict) -> bytes:
     """Example{features: Features{feature: map}} from {key: encoded Feature}, keys in sorted order."""
-    entries = b"".join(_len_field(1, _len_field(1, k.encode("utf-8")) + _len_field(2, v))
-                       for k, v in sorted(features.items()))
-    return _len_field(1, entries)
+    return b"".join(example_parts({k: [v] for k, v in features.items()}))
 
 
 def int64_feature(values: Iterable[int]) -> bytes:
@@ -104,8 +101,7 @@ def _mask(crc: int) -> int:
 
 
 def frame_record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+    return b"".join(frame_parts([data]))
 
 
 def frame_parts(parts: List[bytes]) -> List[bytes]:
