@@ -1,9 +1,11 @@
 """imagebeam colorize: images -> deep-koalarization's Lab + Inception-ResNet-v2 TFRecords (SPEC §3).
 
-    IndexInputs (tars, folders, URL lists) -> StageImages (per work unit: decode check, sorted run on disk)
-        -> MergeChunks (per key bucket: merge the runs, cut into chunks in the seeded order) -> Letterbox (299, white)
+    IndexInputs (tars, folders, URL lists) -> StageImages (per work unit: header check, sorted run on disk)
+        -> MergeChunks (per key bucket: merge the runs, cut into chunks in the seeded order)
+        -> Letterbox (the one decode of each image, 299 on white)
         -> EmbedChunks (RunInference: grey -> [-1, 1] -> Inception-ResNet-v2 logits, one chunk per call)
-        -> WriteRecordFiles (224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
+        -> WriteRecordFiles (a staged piece per chunk; ranks placed from the pieces' rows; per file:
+           224 bilinear -> Lab -> L' = 2L/100 - 1, ab' = ab/127 -> tf.train.Example)
     failures of every step -> failures.jsonl; counts + files -> metadata.json (written last)
 
 No image data crosses a runner's shuffle (transforms/bookkeeping/staging.py), so memory does not grow with the
@@ -31,8 +33,9 @@ from imagebeam.transforms.bookkeeping import staging as stage
 from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.model.embedding_backends import BACKENDS, COMPILE_MODES, check_available
 from imagebeam.transforms.formats.lab_records import RECORD_FORMATS
-from imagebeam.transforms.formats.lab_shards import (DONE, FILE_PREFIX, MAX_BUCKETS, BucketCount, ChunkMerger, FitParams,
-                                              LabEntryFn, WriteRecordFiles, fit_chunk)
+from imagebeam.transforms.formats.lab_shards import (DONE, DONE_FAILURES, FILE_PREFIX, MAX_BUCKETS, STAGING_LAYOUT,
+                                                     BucketCount, ChunkMerger, FitParams, LabEntryFn,
+                                                     WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.bookkeeping.progress import ReportTotal
 from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
                                                       read_json, rows_per_split, summary_table)
@@ -146,10 +149,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         indexed, staging, LabEntryFn(args.seed, args.val_fraction, params), getattr(args, "fingerprint", ""), [n_buckets],
         fetch_config, None, args.stage_memory)  # progress is ticked when records are written
     merged = summaries | "MergeChunks" >> stage.MergeBuckets(
-        staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False, tags=[DONE])
+        staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False,
+        tags=[DONE, DONE_FAILURES])
     chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params)
 
-    failure_sets = list(stage_failures)
+    failure_sets = [*stage_failures, merged[DONE_FAILURES]]
     if args.embedding == "none":
         embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
     else:
@@ -163,9 +167,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
             embed = embed.with_resource_hints(accelerator=args.embedding_accelerator)
         embedded, embed_failures = chunks | "EmbedChunks" >> embed
         failure_sets.append(embed_failures)
-    files = embedded | "WriteRecordFiles" >> WriteRecordFiles(
+    files, fit_failures = embedded | "WriteRecordFiles" >> WriteRecordFiles(
         args.output, staging, args.record_format, args.examples_per_file, args.compression, progress,
         done=merged[DONE])
+    failure_sets.append(fit_failures)
 
     n_failed = tuple(failure_sets) | "WriteFailures" >> WriteFailures(args.output)
     units = summaries | "CountUnits" >> stage.UnitCounts()
@@ -224,7 +229,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                      "(tests and demos only); metadata.json says so")
     fileutil.ensure_dir(args.output)
     # A staging folder left by a killed run of this very job is resumed: finished work is not redone.
-    args.fingerprint = stage.fingerprint("colorize", args, args.input)
+    args.fingerprint = stage.fingerprint(f"colorize/{STAGING_LAYOUT}", args, args.input)
     if not stage.prepare(fileutil.join(args.output, STAGING), args.fingerprint):
         remove_previous_outputs(args.output)
     job_options.run_job("colorize", build, pipeline_options, args)

@@ -2,7 +2,11 @@
 
 `tests/output_digests.json` holds the digests the code produced before the bounded-memory redesign
 (issue 13); `tests/test_output_digests.py` checks that every runner and worker count still produces
-them. Paths inside outputs (failures.jsonl names the input files) are written relative to the fixture
+them, with one change made on purpose: since colorize decodes each image once, after the
+merge (issue 16), a JPEG that is truncated fails there, inside its embedding batch, instead of before
+the batches are cut, so in colorize-train-random one batch of `--batch-size 4` holds 3 images and the
+embedding of n01751748_1002.JPEG in lab_images_7.tfrecord moved by at most 4.8e-8 (its name, L and ab,
+and every other record and failures.jsonl are the bytes they were). Paths inside outputs (failures.jsonl names the input files) are written relative to the fixture
 root first, so the digests do not depend on where pytest puts its temporary folders.
 
     python tests/output_digests.py --record   # prints the digests of the current code's outputs

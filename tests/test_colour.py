@@ -108,6 +108,56 @@ def test_lab_matches_skimage(photos):
     assert np.abs(colour.rgb_to_lab(cube.astype(np.float32)) - skcolor.rgb2lab(cube)).max() < 1e-3
 
 
+N_LAB_CROPS = 2000
+
+
+def numpy_lab_target(rgb299: np.ndarray):
+    """lab_target as separate float32 numpy / OpenCV passes (the implementation lab_kernels.py replaced):
+    each step's bits are those of one IEEE operation, so the fused loops must give the same bits."""
+    import cv2
+
+    f32 = np.float32
+    x = cv2.resize(rgb299.astype(f32) * f32(1 / 255), (224, 224), interpolation=cv2.INTER_LINEAR)
+    gamma = np.exp2(f32(2.4) * np.log2((x + f32(0.055)) * f32(1 / 1.055)))
+    lin = np.where(x > f32(0.04045), gamma, x * f32(1 / 12.92))
+    t = cv2.transform(lin, colour._XYZN_FROM_RGB_T.T)
+    f = np.where(t > f32(0.008856), np.cbrt(t), t * f32(7.787) + f32(16.0 / 116.0))
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    l_norm = fy * f32(116.0 / 50) - f32(16.0 / 50 + 1.0)
+    ab_norm = np.stack([(fx - fy) * f32(500.0 / 127), (fy - fz) * f32(200.0 / 127)], axis=-1)
+    return l_norm, ab_norm
+
+
+def test_lab_target_bits_equal_numpy_passes_on_real_crops():
+    """The compiled Lab (lab_kernels.py) against the numpy passes, bit for bit, on letterboxes of 2,000
+    random crops of real photos (any size and aspect ratio), flat colours, noise, and values at both
+    thresholds (sRGB's 0.04045, Lab's 0.008856)."""
+    import random
+
+    from test_lanczos import random_crop
+    from imagebeam.transforms.imaging.resize import letterbox_array
+
+    rng, noise = random.Random(21), np.random.default_rng(21)
+    real = [p.convert("RGB") for p in sample_lib.load_photos()]
+    images = [letterbox_array(random_crop(real[i % len(real)], rng, 700)) for i in range(N_LAB_CROPS)]
+    images += [np.full((299, 299, 3), v, np.uint8) for v in range(0, 256, 5)]
+    images += [noise.integers(0, 256, (299, 299, 3), dtype=np.uint8) for _ in range(5)]
+    images += [noise.integers(0, 30, (299, 299, 3), dtype=np.uint8) for _ in range(5)]  # near both knees
+    differ = []
+    for i, rgb in enumerate(images):
+        got, want = colour.lab_target(rgb), numpy_lab_target(rgb)
+        if not all(g.dtype == np.float32 and g.shape == w.shape and np.array_equal(g.view(np.uint32), w.view(np.uint32))
+                   for g, w in zip(got, want)):
+            differ.append(i)
+    assert not differ, f"{len(differ)} of {len(images)} images differ, e.g. {differ[:5]}"
+    f32 = np.float32
+    knees = np.array([np.nextafter(f32(k), f32(d)) if d else f32(k) for k in (0.04045, 0.008856, 0.5)
+                      for d in (0, -1, 1)], dtype=f32)
+    cube = np.stack(np.meshgrid(knees, knees, knees), -1).reshape(-1, 1, 3)
+    lab = colour.rgb_to_lab(cube)
+    assert lab.shape == cube.shape and np.abs(lab - skcolor.rgb2lab(cube.astype(np.float64))).max() < 1e-3
+
+
 def test_example_bytes_equal_tensorflow_and_parse_with_reference_spec(photos):
     import tensorflow as tf
 

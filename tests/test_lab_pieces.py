@@ -1,6 +1,6 @@
-"""Record files written from image pieces (lab_shards.write_record_file) hold the same bytes as the
-records made straight from the chunk, plain and gzip, and a piece of whole records (a run staged before
-image pieces) is copied as it is."""
+"""Record files written from ranges of image pieces (lab_shards.write_record_file) hold the same bytes as
+the records made straight from the chunk, plain and gzip; ranks are placed from the pieces' row counts
+(lab_shards.place_pieces) the way one ordered list of all rows would cut them into files."""
 import gzip
 import os
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from imagebeam.transforms.formats import lab_shards
-from imagebeam.transforms.formats.lab_shards import Chunk, FittedChunk, LabItem
+from imagebeam.transforms.formats.lab_shards import Chunk, FittedChunk, LabItem, Piece
 
 
 def chunk_of(n: int, seed: int) -> FittedChunk:
@@ -16,44 +16,78 @@ def chunk_of(n: int, seed: int) -> FittedChunk:
     items = tuple(LabItem(b"k%d" % i, f"img_{seed}_{i}.JPEG" + "é" * (i % 3), "src", None, b"") for i in range(n))
     rgb = rng.integers(0, 256, (n, 299, 299, 3), dtype=np.uint8)
     rgb[:, :40] = 255  # white bands, as a letterbox has
-    return FittedChunk(Chunk("train", 0, seed, 0, items), rgb)
+    return FittedChunk(Chunk("train", 0, seed, items), items, rgb, ())
 
 
-def write_piece(path: str, fitted: FittedChunk, embeddings, start: int, end: int) -> None:
+def write_piece(path: str, fitted: FittedChunk, embeddings) -> None:
     with open(path, "wb") as f:
-        lab_shards._write_images(fitted, embeddings, start, end, f)
+        lab_shards.write_images(fitted, embeddings, f)
 
 
 @pytest.mark.parametrize("record_format", ["reference", "compact"])
 @pytest.mark.parametrize("with_embedding", [False, True])
 @pytest.mark.parametrize("compression", ["none", "gzip"])
-def test_record_file_from_image_pieces_equals_records(tmp_path, record_format, with_embedding, compression):
+def test_record_file_from_piece_ranges_equals_records(tmp_path, record_format, with_embedding, compression):
     a, b = chunk_of(3, 1), chunk_of(4, 2)
     emb_a = np.random.default_rng(3).normal(size=(3, 1001)).astype(np.float32) if with_embedding else None
     emb_b = np.random.default_rng(4).normal(size=(4, 1001)).astype(np.float32) if with_embedding else None
     pieces = [str(tmp_path / "a.pixels"), str(tmp_path / "b.pixels")]
-    write_piece(pieces[0], a, emb_a, 1, 3)
-    write_piece(pieces[1], b, emb_b, 0, 4)
-    legacy = str(tmp_path / "c.piece")  # whole records, as runs before image pieces staged them
-    with open(legacy, "wb") as f:
-        f.write(b"".join(lab_shards.chunk_records(a, emb_a, record_format)[:1]))
+    write_piece(pieces[0], a, emb_a)
+    write_piece(pieces[1], b, emb_b)
     out = str(tmp_path / "out.tfrecord")
-    lab_shards.write_record_file(out, pieces + [legacy], record_format, compression)
-    want = (b"".join(lab_shards.chunk_records(a, emb_a, record_format)[1:3])
-            + b"".join(lab_shards.chunk_records(b, emb_b, record_format))
-            + b"".join(lab_shards.chunk_records(a, emb_a, record_format)[:1]))
+    # the middle of a, all of b, the start of a: ranges skip images at the front and stop before the end
+    lab_shards.write_record_file(out, [(pieces[0], 1, 2), (pieces[1], 0, 4), (pieces[0], 0, 1)], record_format,
+                                 compression)
+    records_a = lab_shards.chunk_records(a, emb_a, record_format)
+    want = records_a[1] + b"".join(lab_shards.chunk_records(b, emb_b, record_format)) + records_a[0]
     with open(out, "rb") as f:
         got = f.read()
     assert (gzip.decompress(got) if compression == "gzip" else got) == want
-    assert sorted(os.listdir(tmp_path)) == ["a.pixels", "b.pixels", "c.piece", "out.tfrecord"]  # no temporaries
+    assert sorted(os.listdir(tmp_path)) == ["a.pixels", "b.pixels", "out.tfrecord"]  # no temporaries
 
 
 def test_truncated_image_piece_is_an_error(tmp_path):
     fitted = chunk_of(2, 5)
     piece = str(tmp_path / "a.pixels")
-    write_piece(piece, fitted, None, 0, 2)
+    write_piece(piece, fitted, None)
     with open(piece, "r+b") as f:
         f.truncate(os.path.getsize(piece) - 10)
     with pytest.raises(IOError, match="ends inside an image"):
-        lab_shards.write_record_file(str(tmp_path / "out.tfrecord"), [piece], "reference")
+        lab_shards.write_record_file(str(tmp_path / "out.tfrecord"), [(piece, 0, 2)], "reference")
+    whole = str(tmp_path / "b.pixels")
+    write_piece(whole, fitted, None)
+    with pytest.raises(IOError, match="holds 2 images, not 3"):
+        lab_shards.write_record_file(str(tmp_path / "out.tfrecord"), [(whole, 1, 3)], "reference")
     assert not os.path.exists(tmp_path / "out.tfrecord")
+
+
+@pytest.mark.parametrize("per_file", [1, 3, 7, 64, 500])
+def test_placed_ranks_cut_files_as_one_ordered_list(per_file):
+    """Pieces of random sizes (some empty: every image failed) in two splits and many buckets, placed
+    bucket by bucket with the offsets side input, give each file exactly the rows one ordered list of
+    every row would give it, and each piece's first/last file are the files its rows went to."""
+    rng = np.random.default_rng(per_file)
+    pieces = [Piece(split, bucket, chunk, f"{split}-{bucket}-{chunk}", int(rng.integers(0, 9)), 0)
+              for split in ("train", "val") for bucket in rng.choice(50, 12, replace=False)
+              for chunk in range(int(rng.integers(1, 4)))]
+    rng.shuffle(pieces)
+    by_bucket = {}
+    for p in pieces:
+        by_bucket.setdefault((p.split, p.bucket), []).append(p)
+    offsets = lab_shards.bucket_offsets([(k, sum(p.rows for p in ps)) for k, ps in by_bucket.items()])
+    files = {}
+    for key, ps in by_bucket.items():
+        for file_key, placed in lab_shards.place_pieces(key, ps, per_file, offsets):
+            files.setdefault(file_key, []).append(placed)
+    for split in ("train", "val"):
+        rows = [(p.path, i) for p in sorted(pieces, key=lambda p: (p.bucket, p.chunk)) if p.split == split
+                for i in range(p.rows)]
+        want = [rows[i:i + per_file] for i in range(0, len(rows), per_file)]
+        got = [[(p.path, i) for p in sorted(files[(split, k)]) for i in range(p.start, p.end)]
+               for k in range(len(want))]
+        assert got == want
+        assert not [k for s, k in files if s == split and k >= len(want)]
+    for (split, k), placed in files.items():
+        for p in placed:
+            assert p.first_file <= k <= p.last_file
+            assert p.rows == next(q.rows for q in pieces if q.path == p.path)

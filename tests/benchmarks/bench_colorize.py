@@ -100,9 +100,9 @@ def reference_record(tf, data: bytes, emb, as_written: bool) -> bytes:
 
 
 def our_record(data: bytes, emb, params: FitParams = EXACT) -> bytes:
-    """What the job does per image with --embedding none: the staging's decode check, then after the merge
+    """What the job does per image with --embedding none: the staging's header check, then after the merge
     decode + letterbox, Lab, Example, frame (the grey Inception input is computed on the model's device)."""
-    params.check(data)
+    params.identify(data)
     l_norm, ab_norm = colour.lab_target(params.fitted(data))
     return tfrecord.frame_record(lab_records.encode_example("img", l_norm, ab_norm, emb))
 
@@ -194,7 +194,7 @@ def bench_cpu_side(args, tf) -> dict:
     rgb = letterbox_array(img)
     l_norm, ab_norm = colour.lab_target(rgb)
     steps = {
-        "decode check (1/8 scale)": lambda: EXACT.check(jpegs[0]),
+        "header check (staging)": lambda: EXACT.identify(jpegs[0]),
         "decode": lambda: decode_rgb(jpegs[0]),
         "letterbox, Pillow": lambda: letterbox(img.copy()),
         "letterbox, lanczos.py (same px)": lambda: letterbox_array(img),

@@ -186,7 +186,7 @@ class _MakeChunk(_beam.DoFn):
         from imagebeam.transforms.formats.lab_shards import Chunk, FittedChunk
 
         # The same array each time: building chunks is the fit step's work, not the handler's.
-        yield FittedChunk(Chunk("train", 0, index, index * len(self._rgb), ()), self._rgb)
+        yield FittedChunk(Chunk("train", 0, index, ()), (), self._rgb, ())
 
 
 class _Stamp(_beam.DoFn):

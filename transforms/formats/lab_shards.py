@@ -1,16 +1,18 @@
-"""The colorize job's data path: decode check, a seeded order, chunks, and ordered TFRecord files.
+"""The colorize job's data path: a seeded order, chunks decoded once, and ordered TFRecord files.
 
 Order and split are functions of the image name only: the place of a record is the order of a keyed
 BLAKE2 hash of (seed, name), and an image goes to the val files when a second keyed hash falls below
-`--val-fraction`. Each work unit decodes its images once to sort failures out and stages their encoded
-bytes (not pixels: less disk) in a sorted run on disk, under key-range buckets (transforms/bookkeeping/staging.py);
-each bucket is merged from the runs and cut into chunks of `--batch-size` consecutive items, which are
-decoded and letterboxed again. A chunk is the unit of the embedding (one model call, the same images in
-it whatever the runner or worker count, so the float results repeat bit for bit) and of writing: its
-images (299 pixels, name, embedding) go to staged pieces, one per output file it touches (global ranks
-follow from the per-bucket counts), then a chunk marker; each output file is written once from its
-pieces in (bucket, chunk) order, the Lab target and record of each image made as it is written, then a
-file marker. A re-run skips finished units, chunks and files.
+`--val-fraction`. Each work unit identifies its images from their headers (what is not an image is a
+failure there) and stages their encoded bytes (not pixels: less disk) in a sorted run on disk, under
+key-range buckets (transforms/bookkeeping/staging.py); each bucket is merged from the runs and cut into
+chunks of `--batch-size` consecutive items, which are decoded and letterboxed: the one decode of an
+image, where a truncated or corrupt file becomes a failure. A chunk is the unit of the embedding (one
+model call, the same images in it whatever the runner or worker count, so the float results repeat bit
+for bit) and of staging: its images (299 pixels, name, embedding) go to one staged piece, then a chunk
+marker with the piece and the chunk's failures. Ranks are placed from the pieces' row counts (per bucket,
+then bucket offsets: small numbers only), each output file is written once from its share of the pieces
+in (bucket, chunk) order, the Lab target and record of each image made as it is written, then a file
+marker. A re-run skips finished units, chunks and files.
 """
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from imagebeam.transforms.imaging import colour
 from imagebeam.transforms.formats.batches import bucket_of, shuffle_key
-from imagebeam.transforms.imaging.decode import CHECK_DRAFT, DEFAULT_MAX_PIXELS, DecodeError, DraftSize, decode_rgb
+from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS, DecodeError, DraftSize, decode_rgb, probe_image
 from imagebeam.transforms.bookkeeping.heap import keep_heap
-from imagebeam.transforms.bookkeeping.fileutil import (compressed_writer, copy_file_into, delete_existing, join,
+from imagebeam.transforms.bookkeeping.fileutil import (compressed_writer, delete_existing, join,
                                                     write_atomically, write_with)
 from imagebeam.transforms.formats.lab_records import encode_example_parts
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.bookkeeping.staging import read_marker
+from imagebeam.transforms.bookkeeping.staging import failure_from_json, read_marker
 from imagebeam.transforms.formats.tfrecord import frame_parts
 from imagebeam.transforms.imaging.resize import fit_array, fit_draft_size
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob
@@ -45,10 +47,13 @@ FILE_PREFIX = {TRAIN: "lab_images", VAL: "val_lab_images"}
 IMAGES_PER_BUCKET = 512   # about 60 MB of ILSVRC JPEGs to sort per bucket
 MAX_BUCKETS = 1 << 14
 SIZE = colour.INCEPTION_SIZE
+# What the staging folder holds (part of the job fingerprint): a staging folder of another layout is not
+# resumed but started afresh. 2: decode once after the merge, one piece per chunk, ranks placed from pieces.
+STAGING_LAYOUT = 2
 
 
 class LabItem(NamedTuple):
-    """One image on its way to a record: its encoded bytes, already known to decode."""
+    """One image on its way to a record: its encoded bytes (identified as an image, not yet decoded)."""
     item_id: bytes            # shuffle key + name + source: the sort key, unique per input
     name: str                 # stored as image_name
     source: str
@@ -57,18 +62,44 @@ class LabItem(NamedTuple):
 
 
 class Chunk(NamedTuple):
-    """Consecutive items of one bucket: one embedding batch, one write."""
+    """Consecutive items of one bucket: one embedding batch, one staged piece."""
     split: str
     bucket: int
     index: int                # chunk number inside the bucket
-    first_rank: int           # rank of items[0] among all records of the split
     items: Tuple[LabItem, ...]
 
 
 class FittedChunk(NamedTuple):
-    """A chunk with its images decoded and fitted to 299 x 299 (made and used inside one fused stage)."""
+    """A chunk with its images decoded and fitted to 299 x 299 (made and used inside one fused stage):
+    the items that decoded, their pixels, and the others as failures."""
     chunk: Chunk
-    rgb: np.ndarray           # (n, 299, 299, 3) uint8
+    items: Tuple[LabItem, ...]    # the chunk's items that decoded, in order
+    rgb: np.ndarray               # (len(items), 299, 299, 3) uint8
+    failures: Tuple[Failure, ...]
+
+
+class Piece(NamedTuple):
+    """A chunk's staged images (`rows` of them, none: no file) as its marker records it."""
+    split: str
+    bucket: int
+    chunk: int
+    path: str
+    rows: int
+    embedding_size: int       # 0: records without an embedding
+
+
+class PlacedPiece(NamedTuple):
+    """The rows [start, end) of a piece that go to one output file; the piece's rows go to the files
+    first_file..last_file (the last of those to finish removes it)."""
+    bucket: int
+    chunk: int
+    path: str
+    start: int
+    end: int
+    rows: int
+    first_file: int
+    last_file: int
+    embedding_size: int
 
 
 class FitParams(NamedTuple):
@@ -82,9 +113,10 @@ class FitParams(NamedTuple):
         return decode_rgb(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose,
                           draft_size=draft_size)
 
-    def check(self, data: bytes) -> None:
-        """Raise DecodeError where `fitted` would: JPEGs are read whole but decoded at 1/8 scale."""
-        self.decode(data, CHECK_DRAFT)
+    def identify(self, data: bytes) -> None:
+        """Raise DecodeError for what is not an image at all (unknown content, no pixels, over
+        --max-pixels) from its header alone; whether it decodes is found where it is decoded (fit_chunk)."""
+        probe_image(data, max_pixels=self.max_pixels, full_decode=False)
 
     @property
     def draft(self) -> Optional[DraftSize]:
@@ -127,11 +159,11 @@ def file_spans(first_rank: int, n: int, per_file: int) -> Iterator[Tuple[int, in
         start = end
 
 
-def piece_name(split: str, file_index: int, bucket: int, chunk: int) -> str:
-    return f"{split}-{file_index:06d}-{bucket:05d}-{chunk:05d}.pixels"
+def piece_name(split: str, bucket: int, chunk: int) -> str:
+    return f"{split}-{bucket:05d}-{chunk:05d}.pixels"
 
 
-# --- decode check + staging ---------------------------------------------------------------------------
+# --- identification + staging ---------------------------------------------------------------------------
 
 SPLITS = (TRAIN, VAL)
 _ITEM = struct.Struct("<III")  # len(name), len(source), len(member) + 1 (0: no member); then data
@@ -162,11 +194,12 @@ def unpack_item(item_id_: bytes, packed: bytes) -> LabItem:
 
 
 class LabEntryFn:
-    """ImageBlob -> its staged entry (bucket, item id, packed item), or a Failure if it does not decode.
+    """ImageBlob -> its staged entry (bucket, item id, packed item), or a Failure if it is not an image.
 
-    Checked here (FitParams.check: a JPEG is read whole but decoded at 1/8 scale, 0.3 instead of 0.5 ms)
-    to sort failures out before the order is fixed; the pixels are made after the merge (`fit_chunk`):
-    staging the encoded file (about 110 KB for an ILSVRC JPEG) instead of 268 KB of pixels costs that check.
+    Only the header is read here (FitParams.identify, about 15 us): the image is decoded once, after the
+    merge (`fit_chunk`), and the ranks of the records are placed after that (`PlaceRows`), so a file that
+    does not decode costs no hole. Checking each JPEG here as well (a 1/8-scale decode, 0.3 ms) was 15% of
+    the job's CPU. The encoded file is staged (about 110 KB for an ILSVRC JPEG), not 268 KB of pixels.
     """
 
     def __init__(self, seed: int, val_fraction: float, params: FitParams):
@@ -175,7 +208,7 @@ class LabEntryFn:
     def __call__(self, blob: ImageBlob, n_buckets: int):
         keep_heap()
         try:
-            self._params.check(blob.data)
+            self._params.identify(blob.data)
         except DecodeError as exc:
             return Failure(blob.source, blob.member, str(exc))
         ident = item_id(self._seed, blob.name, blob.source)
@@ -185,7 +218,17 @@ class LabEntryFn:
 
 
 def fit_chunk(chunk: Chunk, params: FitParams) -> FittedChunk:
-    return FittedChunk(chunk, np.stack([params.fitted(item.data) for item in chunk.items]))
+    """Decode and fit a chunk's images: the one decode of each image; those that fail become failures."""
+    items, images, failures = [], [], []
+    for item in chunk.items:
+        try:
+            images.append(params.fitted(item.data))
+        except DecodeError as exc:
+            failures.append(Failure(item.source, item.member, str(exc)))
+            continue
+        items.append(item)
+    rgb = np.stack(images) if images else np.empty((0, SIZE, SIZE, 3), dtype=np.uint8)
+    return FittedChunk(chunk, tuple(items), rgb, tuple(failures))
 
 
 class BucketCount(beam.PTransform):
@@ -206,7 +249,9 @@ class BucketCount(beam.PTransform):
 
 # --- ordered chunks ------------------------------------------------------------------------------------
 
-DONE = "done"  # tagged output of ChunkMerger: the recorded pieces of chunks finished by an earlier run
+# Tagged outputs of ChunkMerger: the recorded pieces and failures of chunks finished by an earlier run.
+DONE, DONE_FAILURES = "done", "done_failures"
+FAILURES = "failures"  # tagged output of the piece writer: images that did not decode
 
 
 def chunk_marker(staging: str, split: str, bucket: int, index: int) -> str:
@@ -215,7 +260,8 @@ def chunk_marker(staging: str, split: str, bucket: int, index: int) -> str:
 
 class ChunkMerger:
     """The merge step of colorize (staging.MergeBuckets): a bucket's sorted items -> Chunks of at most
-    `chunk_size` items; a chunk whose marker exists yields its recorded pieces on DONE instead."""
+    `chunk_size` items; a chunk whose marker exists yields its recorded Piece on DONE and its failures
+    on DONE_FAILURES instead."""
 
     def __init__(self, chunk_size: int, staging: str):
         self._chunk_size, self._staging = chunk_size, staging
@@ -225,11 +271,12 @@ class ChunkMerger:
         for index, start in enumerate(range(0, len(entries), self._chunk_size)):
             recorded = read_marker(chunk_marker(self._staging, split, bucket, index))
             if recorded is not None:
-                for key, value in recorded:
-                    yield pvalue.TaggedOutput(DONE, (tuple(key), tuple(value)))
+                yield pvalue.TaggedOutput(DONE, Piece(*recorded["piece"]))
+                for failure in recorded["failures"]:
+                    yield pvalue.TaggedOutput(DONE_FAILURES, failure_from_json(failure))
                 continue
             items = tuple(unpack_item(k, v) for k, v in entries[start:start + self._chunk_size])
-            yield Chunk(split, bucket, index, task.offset + start, items)
+            yield Chunk(split, bucket, index, items)
 
 
 # --- records, pieces and files -------------------------------------------------------------------------
@@ -241,24 +288,24 @@ def record_parts(name: str, rgb: np.ndarray, embedding: Optional[np.ndarray], re
 
 
 def chunk_records(fitted: FittedChunk, embeddings: Optional[np.ndarray], record_format: str) -> List[bytes]:
-    """The framed TFRecords of a chunk, in order."""
+    """The framed TFRecords of a chunk's fitted images, in order."""
     return [b"".join(record_parts(item.name, fitted.rgb[i], None if embeddings is None else embeddings[i],
                                   record_format))
-            for i, item in enumerate(fitted.chunk.items)]
+            for i, item in enumerate(fitted.items)]
 
 
 # A piece holds its images, not their records: per image a header (name length, embedding length or -1),
 # the name, the float32 embedding and the 299 x 299 x 3 pixels (268 KB, against 606 KB for the record).
 # The records are made as their file is written (`write_record_file`), so each is written once: staging
 # whole records as pieces and copying them into their file cost ~0.2 ms an image more (606 KB written,
-# read and written again). Pieces of a run before this (`.piece`, whole records) are still copied as they are.
+# read and written again).
 _PIECE_ITEM = struct.Struct("<Ii")
-PIXELS_PIECE, RECORDS_PIECE = ".pixels", ".piece"
 
 
-def _write_images(fitted: FittedChunk, embeddings: Optional[np.ndarray], start: int, end: int, f) -> None:
-    for i in range(start, end):
-        name = fitted.chunk.items[i].name.encode("utf-8")
+def write_images(fitted: FittedChunk, embeddings: Optional[np.ndarray], f) -> None:
+    """A chunk's fitted images as a piece, into the binary file `f`."""
+    for i, item in enumerate(fitted.items):
+        name = item.name.encode("utf-8")
         emb = b"" if embeddings is None else np.ascontiguousarray(embeddings[i], dtype="<f4").tobytes()
         f.write(_PIECE_ITEM.pack(len(name), -1 if embeddings is None else len(emb) // 4) + name + emb)
         f.write(np.ascontiguousarray(fitted.rgb[i]).data)
@@ -285,40 +332,63 @@ def _read_into(f, view: memoryview, path: str) -> None:
         at += n
 
 
-def _piece_records(path: str, record_format: str) -> Iterator[List[bytes]]:
-    """The records of an image piece, each as parts, made one at a time."""
+def _skip(f, n: int, path: str) -> None:
+    """Move `n` bytes on in `f` (a seek where the file can, reads where it cannot)."""
+    if getattr(f, "seekable", lambda: False)():
+        f.seek(n, 1)
+        return
+    while n > 0:
+        data = f.read(min(n, 1 << 20))
+        if not data:
+            raise IOError(f"staged piece {path} ends inside an image")
+        n -= len(data)
+
+
+def _piece_records(path: str, record_format: str, start: int = 0, end: Optional[int] = None
+                   ) -> Iterator[List[bytes]]:
+    """The records of images [start, end) of a piece (end None: to its end), each as parts, made one at a
+    time."""
     rgb = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    index = 0
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        while header := f.read(_PIECE_ITEM.size):
+        while end is None or index < end:
+            header = f.read(_PIECE_ITEM.size)
+            if not header:
+                if end is not None:
+                    raise IOError(f"staged piece {path} holds {index} images, not {end}")
+                return
             if len(header) != _PIECE_ITEM.size:
                 raise IOError(f"staged piece {path} ends inside an image header")
             n_name, n_emb = _PIECE_ITEM.unpack(header)
-            name = _read_exact(f, n_name).decode("utf-8")
-            embedding = None if n_emb < 0 else np.frombuffer(_read_exact(f, 4 * n_emb), dtype="<f4")
-            _read_into(f, memoryview(rgb).cast("B"), path)
-            yield record_parts(name, rgb, embedding, record_format)
+            if index < start:
+                _skip(f, n_name + 4 * max(n_emb, 0) + rgb.nbytes, path)
+            else:
+                name = _read_exact(f, n_name).decode("utf-8")
+                embedding = None if n_emb < 0 else np.frombuffer(_read_exact(f, 4 * n_emb), dtype="<f4")
+                _read_into(f, memoryview(rgb).cast("B"), path)
+                yield record_parts(name, rgb, embedding, record_format)
+            index += 1
 
 
-def write_record_file(path: str, pieces: List[str], record_format: str, compression: str = "none") -> None:
-    """The record file `path` from its pieces in order, written once (gzip: one deflate stream, no file
-    name, mtime 0, as concat_files writes it)."""
-    buffer = bytearray(1 << 20)
+PieceRange = Tuple[str, int, int]   # (piece path, first image, end)
+
+
+def write_record_file(path: str, pieces: List[PieceRange], record_format: str, compression: str = "none") -> None:
+    """The record file `path` from its ranges of pieces in order, written once (gzip: one deflate stream,
+    no file name, mtime 0, as concat_files writes it)."""
     with compressed_writer(path, compression) as write:
-        for piece in pieces:
-            if piece.endswith(RECORDS_PIECE):
-                copy_file_into(piece, write, buffer)
-                continue
-            for parts in _piece_records(piece, record_format):
+        for piece, start, end in pieces:
+            for parts in _piece_records(piece, record_format, start, end):
                 for part in parts:
                     write(part)
 
 
 class _WritePiecesFn(beam.DoFn):
-    """A chunk's images (pixels, name, embedding) -> one piece per output file it touches, then the
-    chunk's marker."""
+    """A chunk's fitted images (pixels, name, embedding) -> one piece, then the chunk's marker (the piece
+    and the chunk's failures). Emits the Piece, and the failures on FAILURES."""
 
-    def __init__(self, staging: str, per_file: int, progress: Optional[str] = None):
-        self._staging, self._per_file = staging, per_file
+    def __init__(self, staging: str, progress: Optional[str] = None):
+        self._staging = staging
         self._progress = ProgressTicker(progress)
 
     def setup(self):
@@ -330,24 +400,76 @@ class _WritePiecesFn(beam.DoFn):
     def process(self, element: Tuple[FittedChunk, Optional[np.ndarray]]):
         fitted, embeddings = element
         chunk = fitted.chunk
-        n = len(chunk.items)
-        size = 0 if embeddings is None else int(embeddings.shape[1])
-        pieces = []
-        for file_index, start, end in file_spans(chunk.first_rank, n, self._per_file):
-            path = join(self._staging, piece_name(chunk.split, file_index, chunk.bucket, chunk.index))
-            write_with(path, functools.partial(_write_images, fitted, embeddings, start, end))
-            pieces.append(((chunk.split, file_index), (chunk.bucket, chunk.index, path, end - start, size)))
-        write_atomically(chunk_marker(self._staging, chunk.split, chunk.bucket, chunk.index),
-                         json.dumps(pieces).encode("utf-8"))
-        yield from pieces
-        self._progress.tick(ok=n)
+        n = len(fitted.items)
+        size = 0 if embeddings is None or not n else int(embeddings.shape[1])
+        path = join(self._staging, piece_name(chunk.split, chunk.bucket, chunk.index))
+        if n:
+            write_with(path, functools.partial(write_images, fitted, embeddings))
+        piece = Piece(chunk.split, chunk.bucket, chunk.index, path, n, size)
+        write_atomically(chunk_marker(self._staging, chunk.split, chunk.bucket, chunk.index), json.dumps(
+            {"piece": list(piece), "failures": [f.to_json() for f in fitted.failures]}).encode("utf-8"))
+        yield piece
+        for failure in fitted.failures:
+            yield pvalue.TaggedOutput(FAILURES, failure)
+        self._progress.tick(ok=n, failed=len(fitted.failures))
+
+
+
+def bucket_offsets(rows: List[Tuple[Tuple[str, int], int]]) -> dict:
+    """[((split, bucket), rows)] -> {(split, bucket): rank of its first row}: each split ranks its
+    buckets in order."""
+    offsets, seen = {}, {}
+    for (split, bucket), n in sorted(rows):
+        offsets[(split, bucket)] = seen.get(split, 0)
+        seen[split] = seen.get(split, 0) + n
+    return offsets
+
+
+def place_pieces(key: Tuple[str, int], pieces, per_file: int, offsets: dict
+                 ) -> Iterator[Tuple[Tuple[str, int], PlacedPiece]]:
+    """A bucket's pieces -> ((split, file index), PlacedPiece) for every file their rows go to."""
+    split, _ = key
+    rank = offsets[tuple(key)]
+    for p in sorted((Piece(*p) for p in pieces), key=lambda p: p.chunk):
+        if not p.rows:
+            continue
+        first_file, last_file = rank // per_file, (rank + p.rows - 1) // per_file
+        for file_index, start, end in file_spans(rank, p.rows, per_file):
+            yield (split, file_index), PlacedPiece(p.bucket, p.chunk, p.path, start, end, p.rows, first_file,
+                                                   last_file, p.embedding_size)
+        rank += p.rows
+
+
+class PlaceRows(beam.PTransform):
+    """Pieces -> ((split, file index), PlacedPiece): the records' ranks from the pieces' row counts.
+
+    Grouped by bucket (a bucket's few pieces), then every bucket's row count in one list (at most
+    2 x MAX_BUCKETS numbers, whatever the dataset's size) gives the bucket offsets, a side input.
+    """
+
+    def __init__(self, per_file: int):
+        super().__init__()
+        self._per_file = per_file
+
+    def expand(self, pieces):
+        per_file = self._per_file
+        per_bucket = (pieces
+                      | "KeyByBucket" >> beam.Map(lambda p: ((p.split, p.bucket), Piece(*p)))
+                      | "GroupByBucket" >> beam.GroupByKey())
+        offsets = (per_bucket
+                   | "BucketRows" >> beam.MapTuple(lambda key, ps: (tuple(key), sum(Piece(*p).rows for p in ps)))
+                   | "AllBucketRows" >> beam.combiners.ToList()
+                   | "BucketOffsets" >> beam.Map(bucket_offsets))
+        return per_bucket | "PlaceRows" >> beam.FlatMap(
+            lambda bucket, offsets: place_pieces(*bucket, per_file, offsets), beam.pvalue.AsSingleton(offsets))
 
 
 class WriteRecordFiles(beam.PTransform):
-    """(FittedChunk, embeddings or None) -> `lab_images_K.tfrecord` / `val_lab_images_K.tfrecord` files.
+    """(FittedChunk, embeddings or None) -> (files, failures): `lab_images_K.tfrecord` /
+    `val_lab_images_K.tfrecord` files, and the images that did not decode.
 
     Emits {"file", "rows", "split", "embedding_size"} per file. Pieces go to `staging`, which the caller
-    removes; `done` holds the pieces of chunks an earlier run finished (ChunkMerger's DONE output).
+    removes; `done` holds the Pieces of chunks an earlier run finished (ChunkMerger's DONE output).
     """
 
     def __init__(self, output: str, staging: str, record_format: str = "reference", per_file: int = 500,
@@ -363,26 +485,35 @@ class WriteRecordFiles(beam.PTransform):
     def expand(self, chunks_with_embeddings):
         output, staging, compression, record_format = self._output, self._staging, self._compression, self._format
 
+        def marker_of(split: str, file_index: int) -> str:
+            return join(staging, "files", record_file_name(split, file_index) + ".json")
+
         def write_file(element) -> dict:
-            (split, file_index), pieces = element
+            (split, file_index), placed = element
             name = record_file_name(split, file_index)
-            marker = join(staging, "files", name + ".json")
+            marker = marker_of(split, file_index)
             recorded = read_marker(marker)
             if recorded is not None and FileSystems.exists(join(output, name)):
                 return recorded
-            ordered = sorted(tuple(p) for p in pieces)
-            write_record_file(join(output, name), [p[2] for p in ordered], record_format, compression)
-            sizes = {p[4] for p in ordered}
-            done = {"file": name, "rows": sum(p[3] for p in ordered), "split": split,
-                    "embedding_size": max(sizes)}
+            ordered = sorted(PlacedPiece(*p) for p in placed)
+            write_record_file(join(output, name), [(p.path, p.start, p.end) for p in ordered], record_format,
+                              compression)
+            done = {"file": name, "rows": sum(p.end - p.start for p in ordered), "split": split,
+                    "embedding_size": max(p.embedding_size for p in ordered)}
             write_atomically(marker, json.dumps(done).encode("utf-8"))
-            delete_existing([p[2] for p in ordered])
+            # A piece shared by several files goes with the last of them to finish (each checks the
+            # others' markers after writing its own, so one of them always sees all).
+            delete_existing([p.path for p in ordered if all(
+                i == file_index or FileSystems.exists(marker_of(split, i))
+                for i in range(p.first_file, p.last_file + 1))])
             return done
 
         written = chunks_with_embeddings | "WritePieces" >> beam.ParDo(
-            _WritePiecesFn(self._staging, self._per_file, self._progress))
-        pieces = (written, self._done) | "AllPieces" >> beam.Flatten() if self._done is not None else written
-        return (pieces
-                | "KeyByFile" >> beam.MapTuple(lambda key, piece: (tuple(key), tuple(piece)))
-                | "GroupPiecesByFile" >> beam.GroupByKey()
-                | "ConcatPieces" >> beam.Map(write_file))
+            _WritePiecesFn(self._staging, self._progress)).with_outputs(FAILURES, main="pieces")
+        pieces = ((written.pieces, self._done) | "AllPieces" >> beam.Flatten() if self._done is not None
+                  else written.pieces)
+        files = (pieces
+                 | "PlaceRows" >> PlaceRows(self._per_file)
+                 | "GroupPiecesByFile" >> beam.GroupByKey()
+                 | "WriteFile" >> beam.Map(write_file))
+        return files, written[FAILURES]

@@ -48,8 +48,8 @@ class InceptionChunkHandler(ModelHandler[FittedChunk, PredictionResult, Any]):
 
     def run_inference(self, batch: Sequence[FittedChunk], model: Embedder,
                       inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
-        for fitted in batch:
-            yield PredictionResult(fitted, model(fitted.rgb), self._weights)
+        for fitted in batch:  # a chunk none of whose images decoded has nothing to embed
+            yield PredictionResult(fitted, model(fitted.rgb) if len(fitted.rgb) else None, self._weights)
 
     def get_num_bytes(self, batch: Sequence[FittedChunk]) -> int:
         return sum(fitted.rgb.nbytes for fitted in batch)
@@ -68,7 +68,8 @@ def embed_direct(model, rgb299: np.ndarray) -> np.ndarray:
 def _failed_chunk(element) -> Iterable[Failure]:
     batch, exc = element
     for fitted in batch:
-        for item in fitted.chunk.items:
+        yield from fitted.failures  # did not decode: the chunk never reaches its marker, which records them
+        for item in fitted.items:
             yield Failure(item.source, item.member, f"embedding failed: {type(exc).__name__}: {exc}")
 
 
