@@ -185,3 +185,25 @@ def test_resize_job_writes_letterboxed_files(photo_dir, tmp_path):
             assert img.size == (299, 299)
             got = np.asarray(img.convert("RGB"), dtype=np.int16)
         assert np.abs(got - expected).mean() < 2.0  # JPEG at quality 95
+
+
+def test_images_that_do_not_decode_fail_after_the_merge(plain, photo_dir, good_jpeg, tmp_path):
+    """A truncated JPEG has a valid header, so it is staged and fails at its one decode after the merge;
+    with --batch-size 1 its chunk has no image left (nothing to embed, no piece, no rank): the other
+    records are those of the --embedding none run, and the counts add up."""
+    import shutil
+
+    inputs = tmp_path / "in"
+    shutil.copytree(photo_dir, inputs)
+    (inputs / "cats" / "truncated.JPEG").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    out = tmp_path / "batch1"
+    meta = _run(str(inputs), out, "--inception-weights", "random", "--batch-size", "1")
+    assert meta["counts"]["written"] == 10 and meta["counts"]["failed"] == 3
+    assert meta["counts"]["read"] == meta["counts"]["written"] + meta["counts"]["failed"]
+    failures = {os.path.basename(f["source"]): f["reason"]
+                for f in map(json.loads, open(out / "failures.jsonl"))}
+    assert sorted(failures) == ["corrupt.JPEG", "empty.JPEG", "truncated.JPEG"]
+    assert failures["truncated.JPEG"].startswith("truncated image data")
+    names = [r["image_name"] for r in _parse_all(str(out), "lab_images_*.tfrecord", 1001)]
+    assert names == [r["image_name"] for r in _parse_all(plain[0], "lab_images_*.tfrecord", 0)]
+    assert not os.path.exists(out / ".staging")

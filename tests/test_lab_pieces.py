@@ -91,3 +91,30 @@ def test_placed_ranks_cut_files_as_one_ordered_list(per_file):
         for p in placed:
             assert p.first_file <= k <= p.last_file
             assert p.rows == next(q.rows for q in pieces if q.path == p.path)
+
+
+def test_chunk_marker_records_failures_for_a_rerun(tmp_path):
+    """A chunk's marker holds its piece and the failures of its decode, and ChunkMerger gives both back on
+    a re-run instead of the chunk (so failures.jsonl is the same after a kill)."""
+    from apache_beam import pvalue
+
+    from imagebeam.transforms.bookkeeping.staging import BucketTask
+    from imagebeam.transforms.inputs.sources import Failure
+
+    good = chunk_of(2, 7)
+    failed = (Failure("a.tar", "x/bad.JPEG", "truncated image data: image file is truncated"),)
+    fitted = FittedChunk(good.chunk, good.items, good.rgb, failed)
+    staging = str(tmp_path)
+    out = list(lab_shards._WritePiecesFn(staging).process((fitted, None)))
+    piece = out[0]
+    assert piece == Piece("train", 0, 7, os.path.join(staging, "train-00000-00007.pixels"), 2, 0)
+    assert [o.value for o in out[1:] if isinstance(o, pvalue.TaggedOutput)] == list(failed)
+    entries = [(b"k%04d" % i, lab_shards.pack_item(LabItem(b"k%04d" % i, f"n{i}", "src", None, b"x")))
+               for i in range(8 * 64 - 5)]  # a bucket of 8 chunks of 64 (the last one short)
+    merged = list(lab_shards.ChunkMerger(64, staging)(BucketTask(0, (), len(entries), 0, len(entries)), entries))
+    again = [o for o in merged if isinstance(o, pvalue.TaggedOutput)]
+    assert [(o.tag, tuple(o.value)) for o in again] == [(lab_shards.DONE, tuple(piece)),
+                                                      (lab_shards.DONE_FAILURES, failed[0])]
+    chunks = [o for o in merged if not isinstance(o, pvalue.TaggedOutput)]
+    assert [c.index for c in chunks] == list(range(7))  # chunk 7 is done: not decoded again
+    assert chunks[-1].items[-1] == LabItem(b"k0447", "n447", "src", None, b"x")
