@@ -232,6 +232,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args.fingerprint = stage.fingerprint(f"colorize/{STAGING_LAYOUT}", args, args.input)
     if not stage.prepare(fileutil.join(args.output, STAGING), args.fingerprint):
         remove_previous_outputs(args.output)
+    fileutil.remove_leftover_temporaries(args.output)  # what a killed run was writing (final names are whole)
     job_options.run_job("colorize", build, pipeline_options, args)
     meta = read_json(fileutil.join(args.output, "metadata.json"))
     _LOG.info("colorize finished: %s", meta["counts"])

@@ -172,6 +172,7 @@ def run(argv: Sequence[str] | None = None, isolate: bool = True) -> dict:
     # A staging folder left by a killed run of this very job is resumed: finished units are not redone.
     args.fingerprint = stage.fingerprint("downsample", args, [*args.input, *filter(None, (args.devkit, args.class_map))])
     stage.prepare(staging, args.fingerprint)
+    fileutil.remove_leftover_temporaries(args.output)  # what a killed run was writing (final names are whole)
     phase1_done = fileutil.join(staging, "metadata.json")
     phase1_reused = args.split == "train" and FileSystems.exists(phase1_done)
     if not phase1_reused:

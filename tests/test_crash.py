@@ -91,13 +91,14 @@ def many_images_tar(path, n, seed):
     return path
 
 
-def run_until_units_staged(args, out, timeout=300):
-    """Run the job and SIGKILL its whole process group as soon as a first work unit is staged."""
+def run_until_units_staged(args, out, timeout=300, marker="units"):
+    """Run the job and SIGKILL its whole process group as soon as a first work unit is staged (or a first
+    marker of another kind: `marker` is the folder under .staging)."""
     proc = subprocess.Popen([sys.executable, "-m", "imagebeam.cli", *args, "--output", out], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        if glob.glob(os.path.join(out, ".staging", "units", "*.json")):
+        if glob.glob(os.path.join(out, ".staging", marker, "*.json")):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -134,4 +135,22 @@ def test_rerun_after_kill_redoes_only_unfinished_units(job, tmp_path):
     run = json.loads(open(os.path.join(out, "metadata.json")).read())["run"]
     assert run["units"] == 5 and run["units_reused"] == len(done)  # staged again: only 5 - len(done) units
     assert tree(out) == reference
+    assert not [n for n in os.listdir(out) if n.startswith(".")], os.listdir(out)
+
+
+@pytest.mark.parametrize("marker", ["chunks", "files"])
+def test_colorize_killed_while_writing_pieces_or_files(marker, tmp_path):
+    """Killed once a first chunk (its piece) or a first record file is done: the re-run takes the chunks
+    and files the markers record, redoes the rest, removes the temporary file a killed write left, and
+    writes what an uninterrupted run writes."""
+    tar = many_images_tar(str(tmp_path / "flat.tar"), 1100, seed=5)
+    args = ["colorize", "--input", tar, "--embedding", "none", "--examples-per-file", "300",
+            "--direct_num_workers", "2"]
+    clean = str(tmp_path / "clean")
+    run_job([*args, "--output", clean])
+    out = str(tmp_path / "killed")
+    proc_staged = run_until_units_staged(args, out, marker=marker)
+    assert proc_staged, f"no {marker} marker was written before the job ended"
+    run_job([*args, "--output", out])
+    assert tree(out) == tree(clean)
     assert not [n for n in os.listdir(out) if n.startswith(".")], os.listdir(out)
