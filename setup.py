@@ -31,7 +31,7 @@ setup(
         "pillow>=10.0,<13",
         "scipy>=1.11",
         "opencv-python-headless>=4.8",  # float32 bilinear resize of the Lab target
-        "numba>=0.60",                  # colorize's exact Lanczos kernel (transforms/imaging/lanczos.py; wheels)
+        "numba>=0.60",                  # colorize's exact Lanczos and Lab kernels (imaging/lanczos.py, lab_kernels.py; wheels)
         "google-crc32c>=1.5",           # TFRecord framing (C implementation)
     ],
     extras_require={

@@ -278,9 +278,9 @@ def bench_embedding(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200, help="JPEGs for the function loops")
-    p.add_argument("--n1", type=int, default=100)
-    p.add_argument("--n2", type=int, default=400)
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--n1", type=int, default=200)
+    p.add_argument("--n2", type=int, default=3000)
+    p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--embed-images", type=int, default=64)
     p.add_argument("--skip-embedding", action="store_true")
     p.add_argument("--no-pin", action="store_true", help="do not pin the run to one core (adds 2 workers)")
