@@ -414,7 +414,6 @@ class _WritePiecesFn(beam.DoFn):
         self._progress.tick(ok=n, failed=len(fitted.failures))
 
 
-
 def bucket_offsets(rows: List[Tuple[Tuple[str, int], int]]) -> dict:
     """[((split, bucket), rows)] -> {(split, bucket): rank of its first row}: each split ranks its
     buckets in order."""
