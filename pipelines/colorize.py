@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Sequence
+from typing import Any, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
@@ -34,7 +34,7 @@ from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.model.embedding_backends import BACKENDS, COMPILE_MODES, check_available
 from imagebeam.transforms.formats.lab_records import RECORD_FORMATS
 from imagebeam.transforms.formats.lab_shards import (DONE, DONE_FAILURES, FILE_PREFIX, MAX_BUCKETS, STAGING_LAYOUT,
-                                                     BucketCount, ChunkMerger, FitParams, LabEntryFn,
+                                                     BucketCount, ChunkMerger, FitParams, FittedChunk, LabEntryFn,
                                                      WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.bookkeeping.progress import ReportTotal
 from imagebeam.transforms.bookkeeping.report import (WriteFailures, WriteMetadata, conclude, dataset_problems,
@@ -151,11 +151,13 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     merged = summaries | "MergeChunks" >> stage.MergeBuckets(
         staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False,
         tags=[DONE, DONE_FAILURES])
-    chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params)
+    # Typed: FittedChunk's registered coder sizes its pixels without pickling them (Beam samples sizes).
+    chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params).with_output_types(FittedChunk)
 
     failure_sets = [*stage_failures, merged[DONE_FAILURES]]
     if args.embedding == "none":
-        embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None))
+        embedded = chunks | "NoEmbedding" >> beam.Map(lambda chunk: (chunk, None)).with_output_types(
+            Tuple[FittedChunk, Any])
     else:
         # Imported here: Beam's RunInference module imports PyTorch wherever it is installed (its model
         # manager), about 0.4 GiB in every process; `--embedding none` workers never need it.

@@ -118,3 +118,24 @@ def test_chunk_marker_records_failures_for_a_rerun(tmp_path):
     chunks = [o for o in merged if not isinstance(o, pvalue.TaggedOutput)]
     assert [c.index for c in chunks] == list(range(7))  # chunk 7 is done: not decoded again
     assert chunks[-1].items[-1] == LabItem(b"k0447", "n447", "src", None, b"x")
+
+
+def test_fitted_chunk_coder_round_trip_and_cheap_size():
+    """FittedChunk's registered coder gives back the chunk (pixels writable), and sizes it from its
+    fields, without encoding the pixels (Beam's counters size sampled elements)."""
+    import apache_beam as beam
+
+    from imagebeam.transforms.inputs.sources import Failure
+
+    coder = beam.coders.registry.get_coder(FittedChunk)
+    assert isinstance(coder, lab_shards.FittedChunkCoder)
+    good = chunk_of(3, 9)
+    fitted = FittedChunk(good.chunk, good.items, good.rgb, (Failure("a.tar", "m/x.JPEG", "truncated image data"),))
+    back = coder.decode(coder.encode(fitted))
+    assert back.chunk == fitted.chunk and back.items == fitted.items and back.failures == fitted.failures
+    np.testing.assert_array_equal(back.rgb, fitted.rgb)
+    back.rgb[0, 0, 0] = 1  # writable, as the decoded chunk of the fit step is
+    empty = FittedChunk(good.chunk, (), np.empty((0, 299, 299, 3), np.uint8), fitted.failures)
+    assert coder.decode(coder.encode(empty)).rgb.shape == (0, 299, 299, 3)
+    estimate = coder.estimate_size(fitted)
+    assert fitted.rgb.nbytes <= estimate <= len(coder.encode(fitted)) + 1024

@@ -141,6 +141,7 @@ def _handler(backend: str, args, deadline: float, compile_mode: str) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from imagebeam.transforms.formats.lab_shards import FittedChunk
     from imagebeam.transforms.model.embedding import EmbedChunks
 
     batch, chunks = args.handler_batch, args.handler_chunks
@@ -157,7 +158,8 @@ def _handler(backend: str, args, deadline: float, compile_mode: str) -> None:
     with beam.Pipeline(options=options) as p:
         fitted = (p
                   | "Chunks" >> beam.Create(list(range(chunks)), reshuffle=False)
-                  | "Fitted" >> beam.ParDo(_MakeChunk(os.path.join(folder, "rgb.npy"))))
+                  | "Fitted" >> beam.ParDo(_MakeChunk(os.path.join(folder, "rgb.npy"))).with_output_types(
+                      FittedChunk))
         embedded, _ = fitted | "Embed" >> EmbedChunks("random", args.handler_precision, None, backend, compile_mode,
                                                       batch)
         _ = embedded | "Stamp" >> beam.ParDo(_Stamp(stamps))

@@ -84,6 +84,7 @@ class EmbedChunks(beam.PTransform):
 
     def expand(self, chunks) -> Tuple[beam.PCollection, beam.PCollection]:
         main, dead = chunks | "RunInference" >> RunInference(self._handler).with_exception_handling()
-        embedded = main | "WithEmbeddings" >> beam.Map(lambda r: (r.example, r.inference))
+        embedded = main | "WithEmbeddings" >> beam.Map(lambda r: (r.example, r.inference)).with_output_types(
+            Tuple[FittedChunk, Any])
         failures = dead.failed_inferences | "FailedChunks" >> beam.FlatMap(_failed_chunk)
         return embedded, failures
