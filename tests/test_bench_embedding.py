@@ -1,7 +1,7 @@
 """tests/benchmarks/bench_embedding_gpu.py --smoke: the GPU benchmark runs on CPU in CI, so it cannot rot.
 
-Checks that every part reports a figure (bare model, the handler through RunInference, the whole
-colorize job), not the figures themselves: speed is measured, never asserted.
+Checks that every part reports a figure (bare model, the handler through RunInference, the same with a
+no-op model, the whole colorize job), not the figures themselves: speed is measured, never asserted.
 """
 import json
 import os
@@ -22,7 +22,8 @@ def test_embedding_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     records = json.loads(out.read_text())["records"]
     kinds = {r["kind"]: r for r in records}
-    assert set(kinds) == {"bare", "handler", "job"}, records
+    assert set(kinds) == {"bare", "handler", "handler-noop", "job"}, records
+    assert kinds["handler-noop"]["ms_per_chunk"] > 0
     assert all(r["images_per_s"] > 0 for r in records), records
     assert kinds["job"]["written"] == kinds["job"]["images"] == 6 and kinds["job"]["embedding_size"] == 1001
     assert "| backend | precision | batch | bare images/s |" in proc.stdout

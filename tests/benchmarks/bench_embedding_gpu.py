@@ -6,6 +6,8 @@ Prints, for each backend installed (torch, jax, tensorflow):
   - handler: the project's `EmbedChunks` (RunInference over `InceptionChunkHandler`, model built by its own
     `load_model`) on pre-decoded 299x299 RGB uint8 chunks, in a local Beam pipeline, images/s after the
     first chunks (warm-up), and its share of the bare figure at the same batch and precision;
+  - handler-noop (`--handler-noop`, or alone with `--noop-only`): the same pipeline with a model that
+    returns zeros at once, i.e. the cost per chunk of everything around the model (on CPU too);
   - torch.compile at one point (its compile time and rate), when torch is there;
 then the whole `colorize` job end to end on this machine's cores with a GPU backend (images/s).
 Targets on an H200 (issue 16): >= 4,000 images/s bare in bfloat16; handler >= 85% of bare.
@@ -27,7 +29,7 @@ and the device command (carry [".whl"]):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . || exit
-    PYTHONUNBUFFERED=1 python3 tests/benchmarks/bench_embedding_gpu.py --out $OUT/embedding_gpu.json
+    PYTHONUNBUFFERED=1 python3 tests/benchmarks/bench_embedding_gpu.py --handler-noop --out $OUT/embedding_gpu.json
 
 `--smoke` runs a tiny version on CPU (CI runs it, so the script cannot rot). `--budget` bounds the wall
 time: points left when it runs out are reported as skipped, not silently dropped.
@@ -136,17 +138,25 @@ def _torch_compiled(args, deadline: float) -> None:
            "compile_s": round(compile_s, 1)})
 
 
-def _handler(backend: str, args, deadline: float, compile_mode: str) -> None:
-    """EmbedChunks over pre-decoded chunks in a local in-process Beam pipeline; rate from output stamps."""
+def _handler(backend: str, args, deadline: float, compile_mode: str, noop: bool = False) -> None:
+    """EmbedChunks over pre-decoded chunks in a local in-process Beam pipeline; rate from output stamps.
+
+    `noop`: the handler's model replaced by one that returns zeros at once, so the rate is that of the
+    pipeline around the model alone (RunInference, batching, Beam's element counters), on any machine.
+    """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from imagebeam.transforms.formats.lab_shards import FittedChunk
+    from imagebeam.transforms.model import embedding
     from imagebeam.transforms.model.embedding import EmbedChunks
 
     batch, chunks = args.handler_batch, args.handler_chunks
-    point = {"kind": "handler", "backend": backend, "precision": args.handler_precision, "batch": batch,
-             "chunks": chunks, "compile": compile_mode}
+    point = {"kind": "handler-noop" if noop else "handler", "backend": backend,
+             "precision": args.handler_precision, "batch": batch, "chunks": chunks, "compile": compile_mode}
+    if noop:  # this child process only, which runs the in-process pipeline below
+        embedding.InceptionChunkHandler.load_model = lambda self: (
+            lambda rgb: np.zeros((len(rgb), 1001), dtype=np.float32))
     if time.perf_counter() > deadline:
         _emit({**point, "skipped": "budget"})
         return
@@ -166,8 +176,9 @@ def _handler(backend: str, args, deadline: float, compile_mode: str) -> None:
     wall = time.perf_counter() - t0
     times = [float(line) for line in open(stamps)]
     warm = min(args.handler_warmup, len(times) - 2)
-    rate = (len(times) - 1 - warm) * batch / (times[-1] - times[warm])
-    _emit({**point, "images_per_s": round(rate, 1), "wall_s": round(wall, 1), "warmup_chunks": warm + 1})
+    per_chunk = (times[-1] - times[warm]) / (len(times) - 1 - warm)
+    _emit({**point, "images_per_s": round(batch / per_chunk, 1), "ms_per_chunk": round(per_chunk * 1e3, 2),
+           "wall_s": round(wall, 1), "warmup_chunks": warm + 1})
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -210,8 +221,13 @@ def child(backend: str, args) -> None:
 
     select(backend)
     deadline = time.perf_counter() + args.budget
+    if args.noop_only:
+        _handler(backend, args, deadline, "off", noop=True)
+        return
     _bare(backend, args, deadline)
     _handler(backend, args, deadline, "off" if backend == "torch" else "auto")
+    if args.handler_noop:
+        _handler(backend, args, deadline, "off", noop=True)
     if backend == "torch" and args.torch_compile:  # last: its compilation can take minutes
         _torch_compiled(args, deadline)
 
@@ -225,7 +241,8 @@ def _run_child(backend: str, args, budget: float, log) -> List[dict]:
            "--batches", ",".join(map(str, args.batches)), "--precisions", ",".join(args.precisions),
            "--seconds", str(args.seconds), "--handler-batch", str(args.handler_batch),
            "--handler-chunks", str(args.handler_chunks), "--handler-precision", args.handler_precision,
-           "--handler-warmup", str(args.handler_warmup)] + (["--torch-compile"] if args.torch_compile else [])
+           "--handler-warmup", str(args.handler_warmup)] + (["--torch-compile"] if args.torch_compile else []) \
+        + (["--handler-noop"] if args.handler_noop else []) + (["--noop-only"] if args.noop_only else [])
     records = []
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -252,7 +269,8 @@ def _describe(r: dict) -> str:
     head = f"{r['kind']:7s} {r['backend']:10s} {r.get('precision', ''):8s} batch {r.get('batch', ''):>3}"
     if "skipped" in r:
         return f"{head}: skipped ({r['skipped']})"
-    extra = ", ".join(f"{k} {r[k]}" for k in ("compiled", "compile", "warmup_s", "compile_s", "build_s", "wall_s")
+    extra = ", ".join(f"{k} {r[k]}" for k in ("ms_per_chunk", "compiled", "compile", "warmup_s", "compile_s",
+                                              "build_s", "wall_s")
                       if k in r)
     return f"{head}: {r['images_per_s']:9.1f} images/s ({extra})"
 
@@ -346,6 +364,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     # a run's first chunks only, so they are left out of the steady rate with the model's warm-up.
     p.add_argument("--handler-warmup", type=int, default=12, help="first chunks left out of the handler rate")
     p.add_argument("--handler-precision", default="bfloat16")
+    p.add_argument("--handler-noop", action="store_true",
+                   help="also time the handler path with a model that returns zeros at once: the pipeline's own "
+                        "cost per chunk (runs on CPU too)")
+    p.add_argument("--noop-only", action="store_true",
+                   help="only that no-op handler point (with --job-images 0: seconds, on any machine)")
     p.add_argument("--torch-compile", action="store_true", default=None)
     p.add_argument("--job-images", type=int, default=6000)
     p.add_argument("--job-backend", default="torch")
@@ -362,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.batches, args.precisions, args.seconds = "2", "float32", 0.2
         args.handler_batch, args.handler_chunks, args.handler_warmup = 2, 4, 1
         args.handler_precision, args.job_images, args.job_batch, args.job_workers = "float32", 6, 3, 2
-        args.job_compile = "off"
+        args.job_compile, args.handler_noop = "off", True
         if args.torch_compile is None:
             args.torch_compile = False
     args.batches = [int(b) for b in str(args.batches).split(",")]
