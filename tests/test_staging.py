@@ -193,3 +193,24 @@ def test_sort_to_runs_then_merge_runs_is_a_sort_in_bounded_runs(tmp_path):
 def _at_least_runs(counts, runs, total):
     (n_runs, n), = counts
     assert n_runs >= runs and n == total, counts
+
+
+def test_delete_existing_tolerates_a_file_another_worker_deleted(tmp_path, monkeypatch):
+    """Two record files that shared a staged piece may both delete it: the second delete must not fail
+    the job (it did: BeamIOError 'No files found to delete')."""
+    from imagebeam.transforms.bookkeeping import fileutil
+
+    a, b = tmp_path / "a.pixels", tmp_path / "b.pixels"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    real_exists = fileutil.FileSystems.exists
+
+    def exists_then_vanish(path):  # b is seen, then another worker deletes it before our delete
+        found = real_exists(path)
+        if path == str(b) and found:
+            os.remove(path)
+        return found
+
+    monkeypatch.setattr(fileutil.FileSystems, "exists", staticmethod(exists_then_vanish))
+    fileutil.delete_existing([str(a), str(b)])
+    assert not a.exists() and not b.exists()

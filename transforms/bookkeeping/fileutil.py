@@ -11,7 +11,7 @@ import uuid
 import zlib
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, List
 
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 TEMP_MARK = ".inprogress-"
@@ -27,10 +27,18 @@ def matching(patterns: Iterable[str]) -> List[str]:
 
 
 def delete_existing(paths: Iterable[str]) -> None:
-    """Delete those of `paths` (files or folders) that exist; the others are fine as they are."""
+    """Delete those of `paths` (files or folders) that exist; the others are fine as they are, including
+    one that another worker deleted between the check and the delete (two workers may both remove a
+    staged file they shared)."""
     existing = [p for p in paths if FileSystems.exists(p)]
-    if existing:
+    if not existing:
+        return
+    try:
         FileSystems.delete(existing)
+    except BeamIOError:
+        still_there = [p for p in existing if FileSystems.exists(p)]
+        if still_there:
+            FileSystems.delete(still_there)
 
 
 def remove_leftover_temporaries(root: str) -> None:
