@@ -139,3 +139,25 @@ def test_fitted_chunk_coder_round_trip_and_cheap_size():
     assert coder.decode(coder.encode(empty)).rgb.shape == (0, 299, 299, 3)
     estimate = coder.estimate_size(fitted)
     assert fitted.rgb.nbytes <= estimate <= len(coder.encode(fitted)) + 1024
+
+
+def test_a_bucket_whose_chunks_are_all_done_is_not_read_again(tmp_path):
+    """ChunkMerger.finished: None while a chunk of the bucket has no marker; once all have one, their
+    recorded outputs, so staging's merge gives them without reading the bucket's staged images."""
+    from apache_beam import pvalue
+
+    from imagebeam.transforms.bookkeeping import staging as stage
+    from imagebeam.transforms.bookkeeping.staging import BucketTask
+
+    staging = str(tmp_path)
+    merger = lab_shards.ChunkMerger(4, staging)
+    task = BucketTask(0, (("no-such-run", 0, 10),), 10, 0, 10)  # 10 entries: chunks 0, 1, 2
+    for index in (0, 2):
+        lab_shards._WritePiecesFn(staging).process((chunk_of(1, index), None)).__next__()
+    assert merger.finished(task) is None
+    list(lab_shards._WritePiecesFn(staging).process((chunk_of(1, 1), None)))
+    done = merger.finished(task)
+    assert [(o.tag, o.value.chunk) for o in done] == [(lab_shards.DONE, i) for i in range(3)]
+    # the merge step takes them as they are: the run file named in the task does not exist
+    out = list(stage._MergeFn(staging, merger, resumable=False).process(task))
+    assert [o.value for o in out] == [o.value for o in done] and all(isinstance(o, pvalue.TaggedOutput) for o in out)

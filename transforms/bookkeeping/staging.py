@@ -461,6 +461,11 @@ class _MergeFn(beam.DoFn):
         if recorded is not None:
             yield from recorded["outputs"]
             return
+        finished = getattr(self._merge_fn, "finished", None)
+        done = finished(task, *side) if finished else None
+        if done is not None:  # everything this bucket makes was made by an earlier run: nothing to read
+            yield from done
+            return
         outputs = []
         for out in self._merge_fn(task, read_bucket(task), *side):
             if self._resumable:
@@ -475,7 +480,9 @@ class MergeBuckets(beam.PTransform):
     """Summaries -> what `merge_fn(task, entries, *side)` yields for every bucket.
 
     `resumable`: the outputs are JSON values (file descriptions) recorded in a per-bucket marker, and a
-    bucket with a marker is not merged again. `tags`: extra tagged outputs of `merge_fn` (returned as
+    bucket with a marker is not merged again. A `merge_fn` with a `finished(task, *side)` method that
+    returns a list (what an earlier run recorded for the whole bucket) instead of None is not given the
+    bucket's entries: they are not read. `tags`: extra tagged outputs of `merge_fn` (returned as
     the ParDo's DoOutputsTuple then).
     """
 

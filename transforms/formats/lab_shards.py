@@ -302,14 +302,32 @@ class ChunkMerger:
     def __init__(self, chunk_size: int, staging: str):
         self._chunk_size, self._staging = chunk_size, staging
 
+    def _recorded(self, split: str, bucket: int, index: int) -> Optional[List[Any]]:
+        """A finished chunk's outputs (its Piece on DONE, its failures on DONE_FAILURES), or None."""
+        recorded = read_marker(chunk_marker(self._staging, split, bucket, index))
+        if recorded is None:
+            return None
+        return [pvalue.TaggedOutput(DONE, Piece(*recorded["piece"]))] + [
+            pvalue.TaggedOutput(DONE_FAILURES, failure_from_json(f)) for f in recorded["failures"]]
+
+    def finished(self, task) -> Optional[List[Any]]:
+        """The recorded outputs of every chunk of the bucket when all are finished (a re-run then does not
+        read the bucket's staged images again), else None."""
+        split, bucket = SPLITS[task.bucket // MAX_BUCKETS], task.bucket % MAX_BUCKETS
+        outputs = []
+        for index in range(math.ceil(task.count / self._chunk_size)):
+            recorded = self._recorded(split, bucket, index)
+            if recorded is None:
+                return None
+            outputs += recorded
+        return outputs
+
     def __call__(self, task, entries) -> Iterator[Any]:
         split, bucket = SPLITS[task.bucket // MAX_BUCKETS], task.bucket % MAX_BUCKETS
         for index, start in enumerate(range(0, len(entries), self._chunk_size)):
-            recorded = read_marker(chunk_marker(self._staging, split, bucket, index))
+            recorded = self._recorded(split, bucket, index)
             if recorded is not None:
-                yield pvalue.TaggedOutput(DONE, Piece(*recorded["piece"]))
-                for failure in recorded["failures"]:
-                    yield pvalue.TaggedOutput(DONE_FAILURES, failure_from_json(failure))
+                yield from recorded
                 continue
             items = tuple(unpack_item(k, v) for k, v in entries[start:start + self._chunk_size])
             yield Chunk(split, bucket, index, items)
