@@ -33,7 +33,7 @@ from imagebeam.transforms.bookkeeping import staging as stage
 from imagebeam.transforms.imaging.decode import DEFAULT_MAX_PIXELS
 from imagebeam.transforms.model.embedding_backends import BACKENDS, COMPILE_MODES, check_available
 from imagebeam.transforms.formats.lab_records import RECORD_FORMATS
-from imagebeam.transforms.formats.lab_shards import (DONE, DONE_FAILURES, FILE_PREFIX, MAX_BUCKETS, STAGING_LAYOUT,
+from imagebeam.transforms.formats.lab_shards import (DONE, DONE_FAILURES, FILE_PREFIX, STAGING_LAYOUT,
                                                      BucketCount, ChunkMerger, FitParams, FittedChunk, LabEntryFn,
                                                      WriteRecordFiles, fit_chunk)
 from imagebeam.transforms.bookkeeping.progress import ReportTotal
@@ -149,8 +149,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
         indexed, staging, LabEntryFn(args.seed, args.val_fraction, params), getattr(args, "fingerprint", ""), [n_buckets],
         fetch_config, None, args.stage_memory)  # progress is ticked when records are written
     merged = summaries | "MergeChunks" >> stage.MergeBuckets(
-        staging, ChunkMerger(args.batch_size, staging), group_size=MAX_BUCKETS, resumable=False,
-        tags=[DONE, DONE_FAILURES])
+        staging, ChunkMerger(args.batch_size, staging), resumable=False, tags=[DONE, DONE_FAILURES])
     # Typed: FittedChunk's registered coder sizes its pixels without pickling them (Beam samples sizes).
     chunks = merged.main | "Letterbox" >> beam.Map(fit_chunk, params).with_output_types(FittedChunk)
 

@@ -38,7 +38,7 @@ from imagebeam.transforms.bookkeeping.fileutil import (compressed_writer, delete
                                                     write_atomically, write_with)
 from imagebeam.transforms.formats.lab_records import encode_example_parts
 from imagebeam.transforms.bookkeeping.progress import ProgressTicker
-from imagebeam.transforms.bookkeeping.staging import failure_from_json, read_marker
+from imagebeam.transforms.bookkeeping.staging import FAILURES, failure_from_json, read_marker
 from imagebeam.transforms.formats.tfrecord import frame_parts
 from imagebeam.transforms.imaging.resize import fit_array, fit_draft_size
 from imagebeam.transforms.inputs.sources import Failure, ImageBlob
@@ -287,7 +287,6 @@ class BucketCount(beam.PTransform):
 
 # Tagged outputs of ChunkMerger: the recorded pieces and failures of chunks finished by an earlier run.
 DONE, DONE_FAILURES = "done", "done_failures"
-FAILURES = "failures"  # tagged output of the piece writer: images that did not decode
 
 
 def chunk_marker(staging: str, split: str, bucket: int, index: int) -> str:
